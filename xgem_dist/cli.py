@@ -1,0 +1,115 @@
+"""`xgem-dist`: argument parsing only; each subcommand calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from .config import ShardConfig, build_config
+
+
+def _add_shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="YAML recipe (see shards/); flags below override it")
+    p.add_argument("--images", help="MIMIC-CXR-JPG root (holds files/ and the CSVs)")
+    p.add_argument("--reports", help="reports root (holds files/pNN/p<subject>/s<study>.txt)")
+    p.add_argument("--out", help="output URL: a local path or s3://bucket/prefix (any fsspec URL)")
+    p.add_argument("--metadata-csv", dest="metadata_csv")
+    p.add_argument("--split-csv", dest="split_csv")
+    p.add_argument("--chexpert-csv", dest="chexpert_csv")
+    p.add_argument("--report-section", dest="report_section",
+                   help="auto (official MIMIC-CXR priority) | impression | findings | last_paragraph | "
+                        "comparison | full")
+    p.add_argument("--missing-report", dest="missing_report", help="empty | skip")
+    p.add_argument("--max-side", dest="max_side", type=int, help="resize so the longer side is N (0: keep bytes)")
+    p.add_argument("--jpeg-quality", dest="jpeg_quality", type=int)
+    p.add_argument("--samples-per-shard", dest="samples_per_shard", type=int)
+    p.add_argument("--max-shard-bytes", dest="max_shard_bytes", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+
+
+def _shard_config(args: argparse.Namespace) -> ShardConfig:
+    fields = {f.name for f in dataclasses.fields(ShardConfig)}
+    return build_config(ShardConfig, args.recipe, {k: v for k, v in vars(args).items() if k in fields})
+
+
+def cmd_make_demo(args: argparse.Namespace) -> int:
+    from .data.demo import make_demo
+
+    summary = make_demo(args.out, num_studies=args.studies, seed=args.seed)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from .data.shard import shard
+
+    summary = shard(_shard_config(args))
+    print(json.dumps(summary["splits"], indent=1))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .data.verify import verify
+
+    report = verify(args.url, decode=args.decode)
+    for problem in report.problems:
+        print(f"PROBLEM {problem}", file=sys.stderr)
+    status = "OK" if report.ok else "FAILED"
+    print(f"{status}: {len(report.manifests)} manifest(s), {report.shards} shard(s), {report.samples} sample(s), "
+          f"{len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import quickstart
+
+    return quickstart(args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xgem-dist", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every degraded study")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-demo", help="write a small synthetic dataset in the MIMIC-CXR-JPG layout")
+    p.add_argument("out")
+    p.add_argument("--studies", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_demo)
+
+    p = sub.add_parser("shard", help="MIMIC-CXR-JPG + reports -> WebDataset shards per split")
+    _add_shard_args(p)
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("verify-shards", help="re-read shards and check them against their manifests")
+    p.add_argument("url", help="a shard-set root, a split folder or a manifest.json (any fsspec URL)")
+    p.add_argument("--decode", action="store_true", help="also decode every JPEG")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("quickstart", help="the end-to-end demo on generated data")
+    p.add_argument("--workdir", default="quickstart_out")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad input or settings: a message, not a traceback
+        from .data.mimic import InputError
+
+        if isinstance(e, InputError) or type(e) is ValueError:
+            print(f"xgem-dist: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Build one WebDataset sample from one study: choose and check views, resize, pick the report text.
+
+Runs in sharder worker processes, so it takes and returns plain picklable values.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import fsspec
+from PIL import Image
+
+from .mimic import StudyPlan
+from .reports import select_section
+
+
+class BadImage(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    max_side: int = 0  # 0: original bytes
+    jpeg_quality: int = 95
+    report_section: str = "auto"
+    missing_report: str = "empty"  # or "skip"
+
+
+@dataclass
+class SampleResult:
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)  # ext -> bytes; empty when skipped
+    skipped: str | None = None
+    degraded: list[str] = field(default_factory=list)
+    views: dict[str, str] = field(default_factory=dict)  # "frontal"/"lateral" -> ViewPosition used
+    unused_views: list[str] = field(default_factory=list)
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality, optimize=False)
+    return out.getvalue()
+
+
+def prepare_image(raw: bytes, options: SampleOptions) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
+    """(stored bytes, original (w, h), stored (w, h)); raises BadImage for unreadable data.
+
+    Original-bytes mode still decodes the whole entropy-coded stream (at 1/8 scale through JPEG
+    DCT scaling, which is cheap) so that truncated or corrupt files are caught here, not in training.
+    """
+    try:
+        image = Image.open(io.BytesIO(raw))
+        size = image.size
+        if image.format != "JPEG":
+            raise BadImage(f"not a JPEG ({image.format})")
+        target = size
+        if options.max_side and max(size) > options.max_side:
+            scale = options.max_side / max(size)
+            target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        if target == size and (not options.max_side or image.mode == "L"):
+            image.draft("L", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            image.load()
+            return raw, size, size
+        image.draft("L", target)  # DCT-domain downscale to >= target, then a Lanczos resize
+        image = image.convert("L")
+        if image.size != target:
+            image = image.resize(target, Image.Resampling.LANCZOS)
+        return encode_jpeg(image, options.jpeg_quality), size, target
+    except BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"{type(e).__name__}: {e}") from e
+
+
+def _read(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def build_sample(plan: StudyPlan, options: SampleOptions) -> SampleResult:
+    result = SampleResult(key=plan.key)
+    meta: dict = {"subject_id": plan.subject_id, "study_id": plan.study_id, "split": plan.split}
+
+    for slot, candidates in (("frontal", plan.frontal), ("lateral", plan.lateral)):
+        meta[slot] = None
+        for ref in candidates:
+            try:
+                data, original, stored = prepare_image(_read(ref.path), options)
+            except FileNotFoundError:
+                result.degraded.append(f"{slot} {ref.dicom_id}: file missing")
+                continue
+            except BadImage as e:
+                result.degraded.append(f"{slot} {ref.dicom_id}: unreadable JPEG ({e})")
+                continue
+            result.members[f"{slot}.jpg"] = data
+            result.views[slot] = ref.view_position
+            meta[slot] = {"dicom_id": ref.dicom_id, "view_position": ref.view_position,
+                          "original_size": list(original), "stored_size": list(stored)}
+            break
+        if meta[slot] is None and candidates:
+            result.degraded.append(f"no usable {slot} view")
+    result.unused_views = [ref.view_position or "UNKNOWN" for ref in plan.unused]
+    meta["unused_images"] = [{"dicom_id": r.dicom_id, "view_position": r.view_position} for r in plan.unused]
+
+    if not result.members:
+        result.skipped = "no usable view: " + ("; ".join(result.degraded) or "no frontal or lateral image")
+        result.members = {}
+        return result
+
+    try:
+        text, section = select_section(_read(plan.report_path).decode("utf-8"), options.report_section)
+        if section is None:
+            result.degraded.append(f"report has no {options.report_section} section")
+    except FileNotFoundError:
+        if options.missing_report == "skip":
+            result.skipped, result.members = "report missing", {}
+            return result
+        text, section = "", None
+        result.degraded.append("report missing")
+    meta["report_section"] = section
+    meta["labels"] = plan.labels
+    result.members["report.txt"] = text.encode("utf-8")
+    result.members["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+    return result

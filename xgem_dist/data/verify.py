@@ -1,0 +1,135 @@
+"""`xgem-dist verify-shards`: re-read every shard with webdataset and check it against its manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+
+from PIL import Image
+from tqdm import tqdm
+from webdataset.tariterators import tarfile_samples
+
+from ..storage import Store
+from .mimic import SPLITS
+from .shard import FORMAT, MANIFEST, PARTIAL
+
+log = logging.getLogger(__name__)
+
+
+class HashingReader(io.RawIOBase):
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, stream):
+        self.stream, self.digest, self.count = stream, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        self.digest.update(data)
+        self.count += len(data)
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+@dataclass
+class VerifyReport:
+    manifests: list[str] = field(default_factory=list)
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.shards > 0
+
+
+def find_manifests(url: str) -> list[tuple[Store, str]]:
+    """(folder, manifest file name) for a manifest URL, a split folder or a shard-set root."""
+    if url.endswith(".json"):
+        parent, _, name = url.rstrip("/").rpartition("/")
+        return [(Store(parent), name)]
+    store = Store(url)
+    if store.exists(MANIFEST) or store.exists(PARTIAL):
+        return [(store, MANIFEST)]
+    return [(store.child(s), MANIFEST) for s in SPLITS if store.child(s).exists(MANIFEST)
+            or store.child(s).exists(PARTIAL)]
+
+
+def _check_sample(sample: dict, decode: bool) -> list[str]:
+    key = sample["__key__"]
+    problems = [f"{key}: missing {m}" for m in ("json", "report.txt") if m not in sample]
+    if not {"frontal.jpg", "lateral.jpg"} & sample.keys():
+        problems.append(f"{key}: neither frontal.jpg nor lateral.jpg")
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        if f"s{meta.get('study_id')}" != key:
+            problems.append(f"{key}: json study_id {meta.get('study_id')} does not match the key")
+    if decode:
+        for view in ("frontal.jpg", "lateral.jpg"):
+            if view in sample:
+                try:
+                    Image.open(io.BytesIO(sample[view])).load()
+                except OSError as e:
+                    problems.append(f"{key}: {view} does not decode ({e})")
+    return problems
+
+
+def verify_split(store: Store, name: str, decode: bool, report: VerifyReport) -> None:
+    if not store.exists(name):
+        hint = " (a partial build: rerun `xgem-dist shard` to finish it)" if store.exists(PARTIAL) else ""
+        report.problems.append(f"{store.url_of(name)}: no manifest{hint}")
+        return
+    manifest = json.loads(store.read_bytes(name))
+    report.manifests.append(store.url_of(name))
+    if manifest.get("format") != FORMAT:
+        report.problems.append(f"{store.url_of(name)}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        return
+    seen: set[str] = set()
+    for entry in tqdm(manifest["shards"], desc=f"verify {manifest['split']}", unit="shard"):
+        url = store.url_of(entry["url"])
+        report.shards += 1
+        try:
+            with store.open(entry["url"]) as raw:
+                stream = HashingReader(raw)
+                keys = []
+                for sample in tarfile_samples([{"url": url, "stream": stream}]):
+                    keys.append(sample["__key__"])
+                    report.problems += [f"{url}: {p}" for p in _check_sample(sample, decode)]
+                stream.drain()
+            index_head = store.read_bytes(entry["index"]).split(b"\n", 1)[0].decode()
+        except Exception as e:  # any unreadable shard is a finding, not a crash
+            report.problems.append(f"{url}: cannot be read ({type(e).__name__}: {e})")
+            continue
+        report.samples += len(keys)
+        checks = [
+            (len(keys) == entry["samples"], f"{len(keys)} samples, manifest says {entry['samples']}"),
+            (stream.count == entry["bytes"], f"{stream.count} bytes, manifest says {entry['bytes']}"),
+            (stream.digest.hexdigest() == entry["sha256"], "sha256 differs from the manifest"),
+            (index_head == f"v1.2 {entry['samples']}", f"index header {index_head!r}"),
+            (not seen & set(keys), "keys repeated from an earlier shard"),
+            (keys == sorted(keys) and len(set(keys)) == len(keys), "keys out of order or repeated"),
+        ]
+        report.problems += [f"{url}: {msg}" for ok, msg in checks if not ok]
+        seen.update(keys)
+    total = sum(e["samples"] for e in manifest["shards"])
+    if manifest.get("num_samples") != total:
+        report.problems.append(f"{store.url_of(name)}: num_samples {manifest.get('num_samples')} != {total}")
+
+
+def verify(url: str, decode: bool = False) -> VerifyReport:
+    report = VerifyReport()
+    targets = find_manifests(url)
+    if not targets:
+        report.problems.append(f"{url}: no manifest.json here or in {list(SPLITS)}")
+    for store, name in targets:
+        verify_split(store, name, decode, report)
+    return report
