@@ -24,7 +24,7 @@ def quickstart(workdir: str | Path) -> int:
                                 samples_per_shard=16, workers=2))
     for split, s in summary["splits"].items():
         print(f"[2/3] {split:8s} {s['num_samples']:3d} samples in {s['shards']} shard(s), "
-              f"{s['skipped']} skipped, {s['degraded']} degraded -> {s['manifest']}")
+              f"{s['skipped']} skipped, {s['degraded']} degraded -> {out / s['manifest']}")
     report = verify(str(out), decode=True)
     print(f"[3/3] verify: {'OK' if report.ok else 'FAILED'}: {report.shards} shards, {report.samples} samples, "
           f"{len(report.problems)} problem(s)")

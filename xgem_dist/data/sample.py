@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 import fsspec
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .mimic import StudyPlan
 from .reports import select_section
@@ -70,6 +70,8 @@ def prepare_image(raw: bytes, options: SampleOptions) -> tuple[bytes, tuple[int,
         return encode_jpeg(image, options.jpeg_quality), size, target
     except BadImage:
         raise
+    except UnidentifiedImageError as e:
+        raise BadImage("not an image file") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"{type(e).__name__}: {e}") from e
 

@@ -237,7 +237,7 @@ def shard(cfg: ShardConfig) -> dict:
              "max_shard_bytes": cfg.max_shard_bytes, "format": FORMAT,
              "input_tables_sha256": _fingerprint(t for t in tables if t)}
     out = Store(cfg.out)
-    summary: dict = {"out": out.url, "build": build, "splits": {}, "skipped_without_split": unsplit}
+    summary: dict = {"build": build, "splits": {}, "skipped_without_split": unsplit}
     work = partial(build_sample, options=options)
     with logging_redirect_tqdm():
         for split in SPLITS:
@@ -255,7 +255,7 @@ def shard(cfg: ShardConfig) -> dict:
             manifest = writer.finish(len(split_plans))
             summary["splits"][split] = {k: manifest[k] for k in ("num_samples", "num_bytes", "views")} | {
                 "shards": len(manifest["shards"]), "skipped": len(manifest["skipped"]),
-                "degraded": len(manifest["degraded"]), "manifest": out.child(split).url_of(MANIFEST)}
+                "degraded": len(manifest["degraded"]), "manifest": f"{split}/{MANIFEST}"}
     out.write_bytes("summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
     out.clear_staging()
     return summary

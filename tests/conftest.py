@@ -1,0 +1,40 @@
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from xgem_dist.config import ShardConfig
+from xgem_dist.data.demo import make_demo
+
+SHARED = Path(os.environ.get("XGEM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> dict:
+    """The demo dataset, made once per session (read-only for tests)."""
+    return make_demo(tmp_path_factory.mktemp("demo") / "mimic")
+
+
+@pytest.fixture(scope="session")
+def demo_defects(demo) -> dict[str, str]:
+    """defect name -> sample key"""
+    return {defect: key for key, defect in demo["defects"].items()}
+
+
+def shard_config(root: str, out, **overrides) -> ShardConfig:
+    return ShardConfig(images=str(root), reports=str(root), out=str(out), progress=False, **overrides)
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    path = SHARED / "realdata"
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path} (it ships only beside the project's CI checkout)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
