@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 from tqdm import tqdm
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..storage import Store
 from .mimic import SPLITS
@@ -101,7 +101,7 @@ def verify_split(store: Store, name: str, decode: bool, report: VerifyReport) ->
             with store.open(entry["url"]) as raw:
                 stream = HashingReader(raw)
                 keys = []
-                for sample in tarfile_samples([{"url": url, "stream": stream}]):
+                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                     keys.append(sample["__key__"])
                     report.problems += [f"{url}: {p}" for p in _check_sample(sample, decode)]
                 stream.drain()

@@ -1,0 +1,82 @@
+import csv
+import gzip
+import io
+import json
+import re
+from pathlib import Path
+
+from PIL import Image
+
+from xgem_dist.cli import main as cli_main
+from xgem_dist.data.demo import DEFECTS
+from xgem_dist.data.mimic import CHEXPERT_COLUMNS, METADATA_COLUMNS, SPLIT_COLUMNS
+
+
+def read_table(path: Path) -> tuple[list[str], list[dict]]:
+    reader = csv.DictReader(io.StringIO(gzip.decompress(path.read_bytes()).decode()))
+    rows = list(reader)
+    return reader.fieldnames, rows
+
+
+def test_demo_has_the_mimic_cxr_jpg_layout_and_columns(demo):
+    root = Path(demo["root"])
+    columns, metadata = read_table(root / "mimic-cxr-2.0.0-metadata.csv.gz")
+    assert tuple(columns) == METADATA_COLUMNS
+    assert tuple(read_table(root / "mimic-cxr-2.0.0-split.csv.gz")[0]) == SPLIT_COLUMNS
+    columns, chexpert = read_table(root / "mimic-cxr-2.0.0-chexpert.csv.gz")
+    assert tuple(columns) == CHEXPERT_COLUMNS and len(chexpert) == demo["studies"] == 64
+    assert {r["split"] for r in read_table(root / "mimic-cxr-2.0.0-split.csv.gz")[1]} == {"train", "validate", "test"}
+    for row in metadata:
+        assert re.fullmatch(r"1\d{7}", row["subject_id"]) and re.fullmatch(r"5\d{7}", row["study_id"])
+        assert re.fullmatch(r"([0-9a-f]{8}-){4}[0-9a-f]{8}", row["dicom_id"])
+        path = root / "files" / f"p{row['subject_id'][:2]}" / f"p{row['subject_id']}" / f"s{row['study_id']}"
+        assert (path / f"{row['dicom_id']}.jpg").is_file()
+    reports = list(root.glob("files/p*/p*/s*.txt"))
+    assert len(reports) == 63  # one study deliberately has no report
+    text = reports[0].read_text()
+    assert text.startswith("\n") and "FINAL REPORT" in text and "\n EXAMINATION:" in text
+    assert {r["ViewPosition"] for r in metadata} == {"PA", "AP", "LATERAL", "LL", "", "SWIMMERS"}
+    assert sorted(demo["defects"].values()) == sorted(DEFECTS.values())
+
+
+def test_demo_images_are_grayscale_radiograph_sized_jpegs(demo):
+    sizes = []
+    for path in sorted(Path(demo["root"]).rglob("*.jpg"))[:10]:
+        try:
+            image = Image.open(path)
+            image.load()
+        except OSError:
+            continue  # the deliberately corrupt ones
+        assert image.format == "JPEG" and image.mode == "L"
+        sizes.append(max(image.size))
+    assert sizes and all(1000 <= s <= 2000 for s in sizes)
+
+
+def test_make_demo_is_deterministic(tmp_path):
+    assert cli_main(["make-demo", str(tmp_path / "a"), "--studies", "6"]) == 0
+    assert cli_main(["make-demo", str(tmp_path / "b"), "--studies", "6"]) == 0
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files_a == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    for rel in files_a:
+        if rel.name != "DEMO_DEFECTS.json":  # it names its root folder
+            assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_recipe_and_flag_override(demo, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("max_side: 128\nsamples_per_shard: 100\nreport_section: findings\n")
+    out = tmp_path / "s"
+    assert cli_main(["shard", "--recipe", str(recipe), "--images", demo["root"], "--reports", demo["root"],
+                     "--out", str(out), "--samples-per-shard", "20", "--no-progress"]) == 0
+    manifest = json.loads((out / "train" / "manifest.json").read_text())
+    assert manifest["build"]["max_side"] == 128 and manifest["build"]["samples_per_shard"] == 20
+    assert manifest["build"]["report_section"] == "findings"
+    recipe.write_text("max_sidee: 1\n")
+    assert cli_main(["shard", "--recipe", str(recipe), "--images", "x", "--reports", "x", "--out", "y"]) == 2
+
+
+def test_quickstart_runs_end_to_end(tmp_path, capsys):
+    assert cli_main(["quickstart", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "verify: OK: 6 shards, 63 samples, 0 problem(s)" in out
+    assert (tmp_path / "shards" / "train" / "manifest.json").is_file()
