@@ -180,8 +180,11 @@ def test_verify_passes_then_catches_a_flipped_byte(built, tmp_path, capsys):
     assert cli_main(["verify-shards", str(copy)]) == 1
     assert "sha256 differs" in capsys.readouterr().err
     (copy / "validate" / "shard-000000.tar").unlink()
+    truncated = copy / "test" / "shard-000001.tar"
+    truncated.write_bytes(truncated.read_bytes()[:5000])
     report = verify(str(copy))
     assert any("validate/shard-000000.tar: cannot be read" in p for p in report.problems)
+    assert any("test/shard-000001.tar" in p for p in report.problems)
 
 
 def test_same_input_gives_identical_bytes_across_worker_counts(demo, tmp_path):
