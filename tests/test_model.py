@@ -1,0 +1,115 @@
+"""XGeM components: parameter parity with the released model, and forward/backward on `tiny`."""
+
+import gzip
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from xgem_dist.model.xgem import build_xgem, parameter_counts
+
+from .conftest import SHARED
+
+REFERENCE = SHARED / "reference" / "xgem_official_state_dict.json.gz"
+RELEASED_PREFIX = {
+    "unet_frontal": "model.diffusion_model.unet_frontal.", "unet_lateral": "model.diffusion_model.unet_lateral.",
+    "unet_text": "model.diffusion_model.unet_text.", "vae": "autokl.", "optimus": "optimus.", "clip": "clip.",
+}
+# the temporal ("video") blocks of the released model: identity on 4-D image tensors
+TEMPORAL = re.compile(r"frameshift|temporal|\.ff\.proj_(in|out)\.")
+# buffers, and GPT-2's LM head (tied to its token embedding)
+NOT_PARAMETERS = re.compile(r"\.attn\.bias$|\.attn\.masked_bias$|position_ids$|^optimus\.decoder\.lm_head\.weight$")
+
+# per-component counts of the released model (../shared/notes/xgem_model.md), temporal blocks excluded
+LEAN = {"unet_frontal": 1_155_820_964, "unet_lateral": 1_155_820_964, "unet_text": 2_048_385_408,
+        "vae": 83_653_863, "optimus": 241_599_744, "clip": 427_616_513, "total": 5_112_897_456}
+
+
+@pytest.fixture(scope="module")
+def lean_counts():
+    return parameter_counts(build_xgem("xgem-lean", device="meta"))
+
+
+def test_lean_preset_matches_the_notes(lean_counts):
+    assert lean_counts == LEAN
+
+
+def test_lean_preset_matches_the_released_state_dict(lean_counts):
+    if not REFERENCE.exists():
+        pytest.skip(f"{REFERENCE} not found (ships only beside the project's CI checkout)")
+    released = json.load(gzip.open(REFERENCE, "rt"))
+    counts = dict.fromkeys(RELEASED_PREFIX, 0)
+    for name, shape, _ in released["state_dict"]:
+        if TEMPORAL.search(name) or NOT_PARAMETERS.search(name):
+            continue
+        for component, prefix in RELEASED_PREFIX.items():
+            if name.startswith(prefix):
+                counts[component] += math.prod(shape)
+    counts["total"] = sum(counts.values())
+    assert counts == lean_counts
+    assert released["total_unique_parameters"] == 6_675_152_326
+
+
+def test_meta_construction_allocates_nothing(lean_counts):
+    model = build_xgem("xgem-lean", device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+def test_tiny_preset_is_small_with_the_same_structure():
+    tiny = parameter_counts(build_xgem("tiny", device="meta"))
+    assert tiny["total"] < 5_000_000
+    assert set(tiny) == set(LEAN)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_xgem("tiny")
+
+
+def test_image_unet_without_environment_is_the_diffusers_unet(tiny):
+    unet = tiny.unet_frontal
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 1, 32)
+    assert torch.allclose(unet(x, t, ctx), unet.unet(x, t, ctx).sample, atol=1e-5)
+
+
+@pytest.mark.parametrize("stream", ["unet_frontal", "unet_text"])
+def test_connectors_use_the_environment_and_get_gradients(tiny, stream):
+    unet = getattr(tiny, stream)
+    x = torch.randn(2, 4, 16, 16) if stream == "unet_frontal" else torch.randn(2, 32)
+    t, ctx = torch.tensor([10, 500]), torch.randn(2, 1, 32)
+    env = unet.environment(x, t)
+    assert env.shape == (2, 1, 48) and torch.allclose(env.norm(dim=-1), torch.ones(2, 1), atol=1e-5)
+    other_env = torch.nn.functional.normalize(torch.randn(2, 1, 48), dim=-1)
+    out = unet(x, t, ctx, env=other_env)
+    assert out.shape == x.shape and not torch.allclose(out, unet(x, t, ctx))
+    unet.zero_grad()
+    out.square().mean().backward()
+    connectors = list(unet.down_connectors.parameters()) + list(unet.up_connectors.parameters())
+    assert all(p.grad is not None for p in connectors)
+    assert all(p.grad is None for p in unet.env_encoder.parameters())  # env came from outside
+
+
+def test_optimus_latent_reaches_the_decoder_through_the_memory(tiny):
+    optimus = tiny.optimus
+    ids = torch.randint(0, 512, (2, 9))
+    mean, logvar = optimus.encode(ids)
+    assert mean.shape == logvar.shape == (2, 32)
+    with torch.no_grad():
+        optimus.latent_to_embedding.weight.zero_()  # leave only the past key/value path
+        tokens = torch.randint(0, 515, (2, 6))
+        a, b = optimus.decode_logits(mean, tokens), optimus.decode_logits(mean + 1, tokens)
+    assert a.shape == (2, 6, 515) and not torch.allclose(a, b)
+
+
+def test_vae_and_clip_shapes(tiny):
+    from xgem_dist.model.encoders import clip_image_token, clip_text_token
+
+    latent = tiny.vae.encode(torch.randn(2, 3, 64, 64)).latent_dist.sample()
+    assert latent.shape == (2, 4, 16, 16) and tiny.vae.decode(latent).sample.shape == (2, 3, 64, 64)
+    text = clip_text_token(tiny.clip, torch.randint(0, 510, (2, 77)))
+    image = clip_image_token(tiny.clip, torch.randn(2, 1, 64, 64))
+    for token in (text, image):
+        assert token.shape == (2, 1, 32) and torch.allclose(token.norm(dim=-1), torch.ones(2, 1), atol=1e-5)

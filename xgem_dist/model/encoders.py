@@ -1,0 +1,68 @@
+"""The frozen-or-pretrained encoders: SD's kl-f8 AutoencoderKL (diffusers) and CLIP ViT-L/14 (transformers).
+
+XGeM conditions on one token: the pooled, projected, L2-normalised CLIP embedding of a report or of
+a view (1-channel images are repeated to 3 channels; one vision tower serves both views).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from transformers import CLIPConfig, CLIPModel
+
+IMAGE_LATENT_SCALE = 0.18215
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 256
+
+
+def build_vae(cfg: VAEConfig = VAEConfig()) -> AutoencoderKL:
+    levels = len(cfg.block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=cfg.block_out_channels,
+                         down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=2,
+                         latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+                         sample_size=cfg.sample_size, scaling_factor=IMAGE_LATENT_SCALE)
+
+
+@dataclass(frozen=True)
+class CLIPTowersConfig:
+    text: dict | None = None  # CLIPTextConfig fields; None = ViT-L/14's text tower
+    vision: dict | None = None  # CLIPVisionConfig fields; None = ViT-L/14
+    projection_dim: int = 768
+
+    def to_transformers(self) -> CLIPConfig:
+        text = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": self.projection_dim}
+        vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                  "image_size": 224, "patch_size": 14, "projection_dim": self.projection_dim}
+        return CLIPConfig(text_config=text | (self.text or {}), vision_config=vision | (self.vision or {}),
+                          projection_dim=self.projection_dim)
+
+
+def build_clip(cfg: CLIPTowersConfig = CLIPTowersConfig()) -> CLIPModel:
+    return CLIPModel(cfg.to_transformers())
+
+
+def clip_text_token(clip: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """[B, 1, projection_dim], unit norm."""
+    features = clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    features = getattr(features, "pooler_output", features)
+    return F.normalize(features, dim=-1).unsqueeze(1)
+
+
+def clip_image_token(clip: CLIPModel, pixel_values: torch.Tensor):
+    """pixel_values [B, 1 or 3, H, W], already CLIP-normalised; returns [B, 1, projection_dim], unit norm."""
+    if pixel_values.shape[1] == 1:
+        pixel_values = pixel_values.expand(-1, 3, -1, -1)
+    features = clip.get_image_features(pixel_values=pixel_values)
+    features = getattr(features, "pooler_output", features)
+    return F.normalize(features, dim=-1).unsqueeze(1)

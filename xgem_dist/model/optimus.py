@@ -1,0 +1,67 @@
+"""Optimus, XGeM's text VAE: a BERT encoder to a 768-d Gaussian latent and a GPT-2 decoder conditioned on it.
+
+The latent reaches the decoder twice: as a one-position past key = value in every layer (one Linear
+to n_layer * hidden) and added to every token embedding (a second Linear). GPT-2's vocabulary has
+three extra tokens: <PAD>, <BOS>, <EOS>.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, DynamicCache, GPT2Config, GPT2LMHeadModel
+
+
+@dataclass(frozen=True)
+class OptimusConfig:
+    latent_dim: int = 768
+    bert: dict | None = None  # BertConfig fields; None = BERT-base-cased
+    gpt2: dict | None = None  # GPT2Config fields; None = GPT-2 small with vocab 50,260
+
+    def bert_config(self) -> BertConfig:
+        return BertConfig(**(self.bert or {"vocab_size": 28996}))
+
+    def gpt2_config(self) -> GPT2Config:
+        fields = {"vocab_size": 50260, "pad_token_id": 50257, "bos_token_id": 50258, "eos_token_id": 50259}
+        return GPT2Config(**(fields | (self.gpt2 or {})))
+
+
+class Optimus(nn.Module):
+    def __init__(self, cfg: OptimusConfig = OptimusConfig()):
+        super().__init__()
+        self.config = cfg
+        self.encoder = BertModel(cfg.bert_config(), add_pooling_layer=True)
+        self.to_posterior = nn.Linear(self.encoder.config.hidden_size, 2 * cfg.latent_dim, bias=False)
+        self.decoder = GPT2LMHeadModel(cfg.gpt2_config())
+        gpt = self.decoder.config
+        self.latent_to_memory = nn.Linear(cfg.latent_dim, gpt.n_layer * gpt.n_embd, bias=False)
+        self.latent_to_embedding = nn.Linear(cfg.latent_dim, gpt.n_embd, bias=False)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(mean, logvar), each [B, latent_dim], from the pooled [CLS] state."""
+        pooled = self.encoder(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        mean, logvar = self.to_posterior(pooled).chunk(2, dim=-1)
+        return mean, logvar
+
+    def _memory(self, z: torch.Tensor) -> DynamicCache:
+        gpt = self.decoder.config
+        head_dim = gpt.n_embd // gpt.n_head
+        per_layer = self.latent_to_memory(z).view(z.shape[0], gpt.n_layer, gpt.n_head, 1, head_dim)
+        cache = DynamicCache(config=gpt)
+        for layer in range(gpt.n_layer):
+            kv = per_layer[:, layer]
+            cache.update(kv, kv, layer)
+        return cache
+
+    def decode_logits(self, z: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits [B, T, vocab] for input_ids given latent z [B, latent_dim]."""
+        embeds = self.decoder.transformer.wte(input_ids) + self.latent_to_embedding(z).unsqueeze(1)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        memory_mask = torch.ones_like(attention_mask[:, :1])
+        out = self.decoder(inputs_embeds=embeds, past_key_values=self._memory(z),
+                           attention_mask=torch.cat([memory_mask, attention_mask], dim=1), use_cache=False)
+        return out.logits
