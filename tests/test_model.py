@@ -1,5 +1,6 @@
 """XGeM components: parameter parity with the released model, and forward/backward on `tiny`."""
 
+import dataclasses
 import gzip
 import json
 import math
@@ -25,6 +26,8 @@ NOT_PARAMETERS = re.compile(r"\.attn\.bias$|\.attn\.masked_bias$|position_ids$|^
 # per-component counts of the released model (../shared/notes/xgem_model.md), temporal blocks excluded
 LEAN = {"unet_frontal": 1_155_820_964, "unet_lateral": 1_155_820_964, "unet_text": 2_048_385_408,
         "vae": 83_653_863, "optimus": 241_599_744, "clip": 427_616_513, "total": 5_112_897_456}
+RELEASED = {"unet_frontal": 1_772_784_247, "unet_lateral": 1_772_784_247, "unet_text": 2_048_385_408,
+            "vae": 101_951_463, "optimus": 241_599_744, "clip": 737_647_217, "total": 6_675_152_326}
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +35,31 @@ def lean_counts():
     return parameter_counts(build_xgem("xgem-lean", device="meta"))
 
 
-def test_lean_preset_matches_the_notes(lean_counts):
+@pytest.fixture(scope="module")
+def released_counts():
+    return parameter_counts(build_xgem("xgem", device="meta"))
+
+
+def test_presets_match_the_notes(lean_counts, released_counts):
     assert lean_counts == LEAN
+    assert released_counts == RELEASED
 
 
-def test_lean_preset_matches_the_released_state_dict(lean_counts):
+@pytest.mark.parametrize("preset", ["xgem", "xgem-lean"])
+def test_presets_match_the_released_state_dict(preset, lean_counts, released_counts):
     if not REFERENCE.exists():
         pytest.skip(f"{REFERENCE} not found (ships only beside the project's CI checkout)")
     released = json.load(gzip.open(REFERENCE, "rt"))
     counts = dict.fromkeys(RELEASED_PREFIX, 0)
     for name, shape, _ in released["state_dict"]:
-        if TEMPORAL.search(name) or NOT_PARAMETERS.search(name):
+        if NOT_PARAMETERS.search(name) or (preset == "xgem-lean" and TEMPORAL.search(name)):
             continue
         for component, prefix in RELEASED_PREFIX.items():
             if name.startswith(prefix):
                 counts[component] += math.prod(shape)
     counts["total"] = sum(counts.values())
-    assert counts == lean_counts
-    assert released["total_unique_parameters"] == 6_675_152_326
+    assert counts == (released_counts if preset == "xgem" else lean_counts)
+    assert released["total_unique_parameters"] == released_counts["total"]
 
 
 def test_meta_construction_allocates_nothing(lean_counts):
@@ -113,3 +123,44 @@ def test_vae_and_clip_shapes(tiny):
     image = clip_image_token(tiny.clip, torch.randn(2, 1, 64, 64))
     for token in (text, image):
         assert token.shape == (2, 1, 32) and torch.allclose(token.norm(dim=-1), torch.ones(2, 1), atol=1e-5)
+
+
+def test_temporal_blocks_are_identity_on_images_and_act_on_video():
+    from xgem_dist.model.temporal import CLIPTemporalBlock, SpatioTemporalBlock
+
+    torch.manual_seed(0)
+    block = SpatioTemporalBlock(32, heads=4, groups=8)
+    for p in block.parameters():  # released blocks are not at their zero init
+        torch.nn.init.normal_(p, std=0.05)
+    image = torch.randn(2, 32, 8, 8, requires_grad=True)
+    assert block(image) is image
+    video = torch.randn(2, 32, 5, 8, 8, requires_grad=True)
+    out = block(video)
+    assert out.shape == video.shape and not torch.allclose(out, video)
+    out.sum().backward()
+    assert all(p.grad is not None for p in block.parameters())
+    # frames only see the past and present through the shifts, and attention mixes all frames
+    assert not torch.allclose(block(video)[:, :, 0], block(video.roll(1, dims=2))[:, :, 1])
+
+    clip_block = CLIPTemporalBlock(32, heads=4, dim_head=8)
+    for p in clip_block.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    tokens = torch.randn(6, 5, 32)
+    assert clip_block(tokens) is tokens
+    mixed = clip_block(tokens, num_frames=3)
+    assert mixed.shape == tokens.shape and not torch.allclose(mixed, tokens)
+
+
+def test_released_layout_image_unet_equals_lean_on_images():
+    from xgem_dist.model.image_unet import ImageUNet
+
+    cfg = build_xgem("tiny", device="meta").config.image_unet
+    torch.manual_seed(0)
+    lean = ImageUNet(cfg)
+    full = ImageUNet(dataclasses.replace(cfg, temporal=True))
+    missing, unexpected = full.load_state_dict(lean.state_dict(), strict=False)
+    assert not unexpected and missing and all("temporal" in k for k in missing)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 1, 32)
+    env = lean.environment(x, t)
+    assert torch.allclose(full(x, t, ctx, env=env), lean(x, t, ctx, env=env), atol=1e-5)
+    assert torch.allclose(full.environment(x, t), env, atol=1e-6)

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from torch import nn
 from transformers import CLIPConfig, CLIPModel
+
+from .temporal import CLIPTemporalBlock, SpatioTemporalBlock
 
 IMAGE_LATENT_SCALE = 0.18215
 
@@ -22,15 +25,24 @@ class VAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     sample_size: int = 256
+    temporal: bool = False  # the released decoder's frame-shift blocks (inert on images)
 
 
 def build_vae(cfg: VAEConfig = VAEConfig()) -> AutoencoderKL:
+    """SD's kl-f8 autoencoder. With cfg.temporal, decoder.temporal_blocks holds the released layout's
+    frame-shift blocks, in its order: the mid block's, then 3 per level from the lowest resolution up
+    (none at the highest); diffusers' decoder never calls them."""
     levels = len(cfg.block_out_channels)
-    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=cfg.block_out_channels,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=cfg.block_out_channels,
                          down_block_types=("DownEncoderBlock2D",) * levels,
                          up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=2,
                          latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
                          sample_size=cfg.sample_size, scaling_factor=IMAGE_LATENT_SCALE)
+    if cfg.temporal:
+        channels = [cfg.block_out_channels[-1]] + [c for c in reversed(cfg.block_out_channels[1:]) for _ in range(3)]
+        vae.decoder.temporal_blocks = nn.ModuleList(
+            SpatioTemporalBlock(c, attention=False, groups=cfg.norm_num_groups) for c in channels)
+    return vae
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class CLIPTowersConfig:
     text: dict | None = None  # CLIPTextConfig fields; None = ViT-L/14's text tower
     vision: dict | None = None  # CLIPVisionConfig fields; None = ViT-L/14
     projection_dim: int = 768
+    temporal: bool = False  # the released vision tower's temporal blocks (inert on images)
 
     def to_transformers(self) -> CLIPConfig:
         text = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -49,7 +62,14 @@ class CLIPTowersConfig:
 
 
 def build_clip(cfg: CLIPTowersConfig = CLIPTowersConfig()) -> CLIPModel:
-    return CLIPModel(cfg.to_transformers())
+    """transformers' CLIPModel. With cfg.temporal every vision layer also holds `temporal_self_attn`,
+    as in the released model; transformers' forward never calls it."""
+    clip = CLIPModel(cfg.to_transformers())
+    if cfg.temporal:
+        vision = clip.config.vision_config
+        for layer in clip.vision_model.encoder.layers:
+            layer.temporal_self_attn = CLIPTemporalBlock(vision.hidden_size, vision.num_attention_heads)
+    return clip
 
 
 def clip_text_token(clip: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):

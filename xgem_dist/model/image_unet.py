@@ -17,6 +17,8 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
+from .temporal import SpatioTemporalBlock
+
 
 @dataclass(frozen=True)
 class ImageUNetConfig:
@@ -29,12 +31,19 @@ class ImageUNetConfig:
     connector_dim: int = 1280  # environment vector size
     norm_num_groups: int = 32
     env_base_channels: int = 160  # environment encoder's first conv
+    temporal: bool = False  # the released layout's temporal blocks after every resnet (identity on images)
 
 
 def connector_block(channels: int, cfg: ImageUNetConfig) -> Transformer2DModel:
     return Transformer2DModel(num_attention_heads=cfg.num_heads, attention_head_dim=channels // cfg.num_heads,
                               in_channels=channels, cross_attention_dim=cfg.connector_dim,
                               norm_num_groups=cfg.norm_num_groups)
+
+
+def temporal_blocks(channels, cfg: ImageUNetConfig) -> nn.ModuleList | None:
+    if not cfg.temporal:
+        return None
+    return nn.ModuleList(SpatioTemporalBlock(c, cfg.num_heads, groups=cfg.norm_num_groups) for c in channels)
 
 
 class ImageEnvironmentEncoder(nn.Module):
@@ -54,11 +63,14 @@ class ImageEnvironmentEncoder(nn.Module):
             previous = c
         self.norm_out = nn.GroupNorm(cfg.norm_num_groups, previous)
         self.conv_out = nn.Conv2d(previous, cfg.connector_dim, 3, padding=1)
+        self.temporal = temporal_blocks(channels, cfg)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, temb)
+            if self.temporal is not None:
+                h = self.temporal[i](h)
             if i < len(self.downsamplers):
                 h = self.downsamplers[i](h)
         h = self.conv_out(F.silu(self.norm_out(h)))
@@ -84,6 +96,10 @@ class ImageUNet(nn.Module):
             connector_block(c, cfg) for c in attn_channels for _ in range(cfg.layers_per_block))
         self.up_connectors = nn.ModuleList(
             connector_block(c, cfg) for c in reversed(attn_channels) for _ in range(cfg.layers_per_block + 1))
+        chans = cfg.block_out_channels
+        self.temporal_down = temporal_blocks([c for c in chans for _ in range(cfg.layers_per_block)], cfg)
+        self.temporal_mid = temporal_blocks([chans[-1]] * 2, cfg)
+        self.temporal_up = temporal_blocks([c for c in reversed(chans) for _ in range(cfg.layers_per_block + 1)], cfg)
 
     def time_embedding(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.unet.time_embedding(self.unet.time_proj(t).to(dtype))
@@ -98,6 +114,12 @@ class ImageUNet(nn.Module):
         unet = self.unet
         temb = self.time_embedding(t, x.dtype)
         down, up = iter(self.down_connectors), iter(self.up_connectors)
+        temporal = iter(
+            [*self.temporal_down, *self.temporal_mid, *self.temporal_up] if self.config.temporal else [])
+
+        def resnet_step(resnet, h: torch.Tensor) -> torch.Tensor:
+            h = resnet(h, temb)
+            return next(temporal)(h) if self.config.temporal else h
 
         def connect(h: torch.Tensor, has_connector: bool, connectors) -> torch.Tensor:
             if env is None or not has_connector:
@@ -109,7 +131,7 @@ class ImageUNet(nn.Module):
         for level, block in enumerate(unet.down_blocks):
             attentions = getattr(block, "attentions", None)
             for j, resnet in enumerate(block.resnets):
-                h = resnet(h, temb)
+                h = resnet_step(resnet, h)
                 if attentions is not None:
                     h = attentions[j](h, encoder_hidden_states=context, return_dict=False)[0]
                 h = connect(h, attentions is not None, down)
@@ -117,12 +139,15 @@ class ImageUNet(nn.Module):
             if block.downsamplers is not None:
                 h = block.downsamplers[0](h)
                 skips.append(h)
-        h = unet.mid_block(h, temb, encoder_hidden_states=context)
+        mid = unet.mid_block
+        h = resnet_step(mid.resnets[0], h)
+        h = mid.attentions[0](h, encoder_hidden_states=context, return_dict=False)[0]
+        h = resnet_step(mid.resnets[1], h)
         for block in unet.up_blocks:
             attentions = getattr(block, "attentions", None)
             last = len(block.resnets) - 1
             for j, resnet in enumerate(block.resnets):
-                h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+                h = resnet_step(resnet, torch.cat([h, skips.pop()], dim=1))
                 if attentions is not None:
                     h = attentions[j](h, encoder_hidden_states=context, return_dict=False)[0]
                 if j < last:

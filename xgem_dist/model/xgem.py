@@ -1,8 +1,8 @@
 """The XGeM components assembled, and the presets. Knows nothing of DeepSpeed or Ray.
 
-Presets: `xgem-lean` is the released XGeM without its inert temporal ("video") blocks
-(5,112,897,456 parameters); `tiny` has the same structure in under 5M parameters for CPU tests.
-The released layout with the temporal blocks (`xgem`, 6,675,152,326) is not built yet.
+Presets: `xgem` is the released layout (6,675,152,326 parameters), including the temporal ("video")
+blocks that are the identity on images; `xgem-lean` leaves those out (5,112,897,456); `tiny` has the
+lean structure in under 5M parameters for CPU tests.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class XGeMConfig:
 
 _TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 PRESETS: dict[str, XGeMConfig] = {
+    "xgem": XGeMConfig(image_unet=ImageUNetConfig(temporal=True), vae=VAEConfig(temporal=True),
+                       clip=CLIPTowersConfig(temporal=True)),
     "xgem-lean": XGeMConfig(),
     "tiny": XGeMConfig(
         image_unet=ImageUNetConfig(block_out_channels=(16, 32, 32, 32), num_heads=2, context_dim=32,
