@@ -59,7 +59,7 @@ class ImageEnvironmentEncoder(nn.Module):
             self.resnets.append(ResnetBlock2D(in_channels=previous, out_channels=c, temb_channels=temb_dim,
                                               groups=cfg.norm_num_groups))
             if i < len(channels) - 1:
-                self.downsamplers.append(Downsample2D(c, use_conv=True, padding=1))
+                self.downsamplers.append(Downsample2D(c, use_conv=True, padding=1, name="op"))
             previous = c
         self.norm_out = nn.GroupNorm(cfg.norm_num_groups, previous)
         self.conv_out = nn.Conv2d(previous, cfg.connector_dim, 3, padding=1)
