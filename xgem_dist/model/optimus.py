@@ -65,3 +65,27 @@ class Optimus(nn.Module):
         out = self.decoder(inputs_embeds=embeds, past_key_values=self._memory(z),
                            attention_mask=torch.cat([memory_mask, attention_mask], dim=1), use_cache=False)
         return out.logits
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, max_length: int = 100, greedy: bool = False,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Token ids per latent, from <BOS> until <EOS> (excluded) or max_length; multinomial at temperature 1
+        (no top-k/top-p filtering) unless greedy."""
+        gpt = self.decoder.config
+        ids = torch.full((z.shape[0], 1), gpt.bos_token_id, dtype=torch.long, device=z.device)
+        done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        for _ in range(max_length):
+            logits = self.decode_logits(z, ids)[:, -1].float()
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+            token = torch.where(done, torch.full_like(token, gpt.eos_token_id), token)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            done |= token == gpt.eos_token_id
+            if done.all():
+                break
+        out = []
+        for row in ids[:, 1:].tolist():
+            out.append(row[: row.index(gpt.eos_token_id)] if gpt.eos_token_id in row else row)
+        return out

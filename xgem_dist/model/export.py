@@ -1,0 +1,75 @@
+"""Save and load trained XGeM components as folders of safetensors files.
+
+<folder>/xgem_config.json, then one folder per component: `vae` and `clip` in their libraries'
+save_pretrained layout (loadable by diffusers / transformers directly), `unet_frontal`, `unet_lateral`,
+`unet_text` and `optimus` as model.safetensors (their config is in xgem_config.json). Loading reads
+safetensors only (no pickle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from diffusers import ModelMixin
+from safetensors.torch import load_file, load_model, save_model
+from transformers import PreTrainedModel
+
+from .encoders import CLIPTowersConfig, VAEConfig
+from .image_unet import ImageUNetConfig
+from .optimus import OptimusConfig
+from .text_unet import TextUNetConfig
+from .xgem import XGeM, XGeMConfig, build_xgem
+
+_COMPONENT_CONFIGS = {"image_unet": ImageUNetConfig, "text_unet": TextUNetConfig, "vae": VAEConfig,
+                      "optimus": OptimusConfig, "clip": CLIPTowersConfig}
+
+
+def config_to_dict(cfg: XGeMConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> XGeMConfig:
+    def build(cls, values: dict):
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    return XGeMConfig(**{name: build(cls, data[name]) for name, cls in _COMPONENT_CONFIGS.items()})
+
+
+def save_components(model: XGeM, folder: str | Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "xgem_config.json").write_text(json.dumps(config_to_dict(model.config), indent=1))
+    for name, module in model.named_children():
+        if isinstance(module, (ModelMixin, PreTrainedModel)):
+            module.save_pretrained(folder / name, safe_serialization=True)
+        else:
+            (folder / name).mkdir(exist_ok=True)
+            save_model(module, str(folder / name / "model.safetensors"))
+
+
+def _weights_file(path: Path) -> Path:
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{path}: expected one .safetensors file, found {[f.name for f in files]}")
+    return files[0]
+
+
+def load_components(folder: str | Path, device: str | torch.device = "cpu") -> XGeM:
+    """Builds the saved configuration on `device` and loads every component strictly."""
+    folder = Path(folder)
+    cfg = config_from_dict(json.loads((folder / "xgem_config.json").read_text()))
+    model = build_xgem(cfg, device=device)
+    for name, module in model.named_children():
+        path = _weights_file(folder / name)
+        if isinstance(module, (ModelMixin, PreTrainedModel)):
+            module.load_state_dict(load_file(path, device=str(device)), strict=True)
+        else:
+            load_model(module, path, strict=True, device=str(device))
+    return model
