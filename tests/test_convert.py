@@ -59,11 +59,15 @@ def test_conversion_is_strict(manifest, xgem_meta):
         from_released(released, xgem_meta.config, targets)
 
 
-def test_values_round_trip_on_a_small_model_with_the_released_layout():
+def tiny_released_layout():
     tiny = PRESETS["tiny"]
-    cfg = dataclasses.replace(tiny, image_unet=dataclasses.replace(tiny.image_unet, temporal=True),
-                              vae=dataclasses.replace(tiny.vae, temporal=True),
-                              clip=dataclasses.replace(tiny.clip, temporal=True))
+    return dataclasses.replace(tiny, image_unet=dataclasses.replace(tiny.image_unet, temporal=True),
+                               vae=dataclasses.replace(tiny.vae, temporal=True),
+                               clip=dataclasses.replace(tiny.clip, temporal=True))
+
+
+def test_values_round_trip_on_a_small_model_with_the_released_layout():
+    cfg = tiny_released_layout()
     torch.manual_seed(0)
     model = build_xgem(cfg)
     state = model.state_dict()
@@ -78,3 +82,20 @@ def test_values_round_trip_on_a_small_model_with_the_released_layout():
     other.load_state_dict(back, strict=True)
     x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([5]), torch.randn(1, 1, 32)
     assert torch.equal(other.unet_frontal(x, t, ctx), model.unet_frontal(x, t, ctx))
+
+
+def test_released_checkpoint_file_converts_to_loadable_safetensors_folders(tmp_path):
+    from xgem_dist.model.export import convert_released_checkpoint, load_components
+
+    cfg = tiny_released_layout()
+    torch.manual_seed(0)
+    model = build_xgem(cfg)
+    torch.save({"state_dict": to_released(model.state_dict(), cfg)}, tmp_path / "released.pt")
+    counts = convert_released_checkpoint(tmp_path / "released.pt", tmp_path / "converted", cfg)
+    assert set(counts) == {"unet_frontal", "unet_lateral", "unet_text", "vae", "optimus", "clip"}
+    loaded = load_components(tmp_path / "converted")
+    state, again = model.state_dict(), loaded.state_dict()
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    torch.save({"state_dict": {"weights": [1, 2]}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="expected a state_dict of tensors"):
+        convert_released_checkpoint(tmp_path / "bad.pt", tmp_path / "x", cfg)

@@ -64,6 +64,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_convert_released(args: argparse.Namespace) -> int:
+    from .model.export import convert_released_checkpoint
+
+    counts = convert_released_checkpoint(args.checkpoint, args.out, args.preset)
+    print(f"converted {sum(counts.values())} tensors into {args.out}: {counts}")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
@@ -89,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="a shard-set root, a split folder or a manifest.json (any fsspec URL)")
     p.add_argument("--decode", action="store_true", help="also decode every JPEG")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("convert-released", help="released XGeM checkpoint -> safetensors component folders")
+    p.add_argument("checkpoint", help="the released .pt/.ckpt (read with torch.load(weights_only=True))")
+    p.add_argument("out")
+    p.add_argument("--preset", default="xgem", choices=["xgem"])
+    p.set_defaults(func=cmd_convert_released)
 
     p = sub.add_parser("quickstart", help="the end-to-end demo on generated data")
     p.add_argument("--workdir", default="quickstart_out")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import ModelMixin
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedModel
 
 from .encoders import CLIPTowersConfig, VAEConfig
@@ -73,3 +73,37 @@ def load_components(folder: str | Path, device: str | torch.device = "cpu") -> X
         else:
             load_model(module, path, strict=True, device=str(device))
     return model
+
+
+def convert_released_checkpoint(checkpoint: str | Path, folder: str | Path,
+                                preset: str | XGeMConfig = "xgem") -> dict[str, int]:
+    """A released checkpoint file (torch.save of the state_dict, read with weights_only=True) -> a
+    save_components folder, converted strictly, without building the model in memory."""
+    from .convert import from_released
+    from .xgem import PRESETS
+
+    cfg = PRESETS[preset] if isinstance(preset, str) else preset
+    loaded = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    state = loaded.get("state_dict", loaded.get("model", loaded)) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{checkpoint}: expected a state_dict of tensors (or one under 'state_dict'/'model')")
+    meta = build_xgem(cfg, device="meta")
+    converted = from_released(state, cfg, {k: v.shape for k, v in meta.state_dict().items()})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "xgem_config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    counts = {}
+    for name, module in meta.named_children():
+        part = {k[len(name) + 1 :]: v.contiguous() for k, v in converted.items() if k.startswith(name + ".")}
+        if name == "optimus":  # safetensors stores a tied tensor once; load_model re-ties it
+            part.pop("decoder.lm_head.weight")
+        (folder / name).mkdir(exist_ok=True)
+        filename = "model.safetensors"
+        if isinstance(module, ModelMixin):
+            module.save_config(folder / name)
+            filename = "diffusion_pytorch_model.safetensors"
+        elif isinstance(module, PreTrainedModel):
+            module.config.save_pretrained(folder / name)
+        save_file(part, str(folder / name / filename))
+        counts[name] = len(part)
+    return counts
