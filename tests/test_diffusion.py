@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from xgem_dist.model.diffusion import (PROMPT_BOTH, PROMPT_IMAGE, PROMPT_TEXT, PromptPolicy, image_latents,
-                                       joint_loss, multi_prompt_context, stream_loss, text_latents,
+from xgem_dist.model.diffusion import (PROMPT_BOTH, PROMPT_IMAGE, PROMPT_TEXT, PerSampleRandom, PromptPolicy,
+                                       image_latents, joint_loss, multi_prompt_context, stream_loss, text_latents,
                                        training_scheduler)
 from xgem_dist.model.xgem import build_xgem
 
@@ -27,7 +27,8 @@ def test_multi_prompt_frequencies_and_cfg_dropout_rate():
     text, image = torch.randn(n, 1, d, generator=g), torch.randn(n, 1, d, generator=g)
     empty = torch.randn(3, d, generator=g)
     has_image = torch.rand(n, generator=g) < 0.7
-    context, kind, dropped = multi_prompt_context(text, image, has_image, empty, PromptPolicy(0.1), g)
+    context, kind, dropped = multi_prompt_context(text, image, has_image, empty, PerSampleRandom(range(n)),
+                                                  PromptPolicy(0.1))
     assert (kind[~has_image] == PROMPT_TEXT).all()
     with_image = kind[has_image]
     for k in (PROMPT_TEXT, PROMPT_IMAGE, PROMPT_BOTH):
@@ -61,7 +62,7 @@ def test_stream_loss_falls_when_overfitting_one_batch(tiny, stream):
     optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
     losses = []
     for _ in range(30):
-        loss = stream_loss(unet, scheduler, x0, context, torch.Generator().manual_seed(3))
+        loss = stream_loss(unet, scheduler, x0, context, PerSampleRandom([3, 4, 5, 6]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -77,7 +78,7 @@ def test_joint_loss_trains_connectors_and_wiring_differs(tiny):
     for wiring in ("paper", "released"):
         for unet in unets:
             unet.zero_grad()
-        loss = joint_loss(unets, training_scheduler(), x0s, context, wiring, torch.Generator().manual_seed(5))
+        loss = joint_loss(unets, training_scheduler(), x0s, context, PerSampleRandom([5, 6, 7]), wiring)
         loss.backward()
         losses[wiring] = loss.item()
         for unet in unets:
@@ -85,4 +86,10 @@ def test_joint_loss_trains_connectors_and_wiring_differs(tiny):
                 assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
     assert losses["paper"] != losses["released"]
     with pytest.raises(ValueError):
-        joint_loss(unets, training_scheduler(), x0s, context, "swapped")
+        joint_loss(unets, training_scheduler(), x0s, context, PerSampleRandom([1, 2, 3]), "swapped")
+
+
+def test_per_sample_draws_do_not_depend_on_the_batch_they_land_in():
+    together = PerSampleRandom([11, 12, 13]).randn((4,))
+    apart = torch.cat([PerSampleRandom([11]).randn((4,)), PerSampleRandom([12, 13]).randn((4,))])
+    assert torch.equal(together, apart)

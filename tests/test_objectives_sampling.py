@@ -4,6 +4,7 @@ import torch
 import pytest
 
 from xgem_dist.data.demo import FINDINGS, IMPRESSIONS
+from xgem_dist.model.diffusion import PerSampleRandom
 from xgem_dist.model.export import load_components, save_components
 from xgem_dist.model.objectives import (MAX_LOGIT_SCALE, clamp_logit_scale, clip_contrastive_loss, clip_pixels,
                                         cyclic_beta, optimus_loss)
@@ -81,8 +82,8 @@ def test_optimus_loss_falls_and_free_bits_apply(tiny, tokenizers):
     optimizer = torch.optim.Adam(optimus.parameters(), lr=3e-3)
     first = last = None
     for step in range(40):
-        out = optimus_loss(optimus, bert["input_ids"], gpt, beta=0.0, bert_mask=bert["attention_mask"],
-                           generator=torch.Generator().manual_seed(step))
+        out = optimus_loss(optimus, bert["input_ids"], gpt, 0.0, PerSampleRandom(range(step, step + 4)),
+                           bert_mask=bert["attention_mask"])
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
@@ -90,9 +91,8 @@ def test_optimus_loss_falls_and_free_bits_apply(tiny, tokenizers):
         last = out["reconstruction"].item()
     assert last < 0.6 * first  # the posterior noise (logvar starts at 0) slows the tiny decoder down
     with torch.no_grad():
-        full = optimus_loss(optimus, bert["input_ids"], gpt, beta=0.0, generator=torch.Generator().manual_seed(0))
-        free = optimus_loss(optimus, bert["input_ids"], gpt, beta=1.0, dim_target_kl=1e9,
-                            generator=torch.Generator().manual_seed(0))
+        full = optimus_loss(optimus, bert["input_ids"], gpt, 0.0, PerSampleRandom(range(4)))
+        free = optimus_loss(optimus, bert["input_ids"], gpt, 1.0, PerSampleRandom(range(4)), dim_target_kl=1e9)
     assert full["kl"] > 0 and free["kl"] == 0 and torch.isclose(free["loss"], free["reconstruction"])
 
 

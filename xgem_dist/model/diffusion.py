@@ -8,6 +8,7 @@ streams couple only through the shared context and the contrastive loss on the v
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,27 @@ from .encoders import IMAGE_LATENT_SCALE
 TEXT_LATENT_SCALE = 4.3108
 # prompt kinds, as indices into the table of empty-condition embeddings
 PROMPT_TEXT, PROMPT_IMAGE, PROMPT_BOTH = 0, 1, 2
+
+
+class PerSampleRandom:
+    """Random draws made per sample from a seed of its own (e.g. derived from the sample's global index),
+    so a sample's noise, timestep and prompt do not depend on the rank or micro-batch it lands in."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str | None = None):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators]).to(self.device, dtype)
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.cat([torch.randint(0, high, (1,), generator=g) for g in self.generators]).to(self.device)
+
+    def rand(self) -> torch.Tensor:
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(self.device)
 
 
 def training_scheduler() -> DDPMScheduler:
@@ -46,29 +68,29 @@ class PromptPolicy:
 
 
 def multi_prompt_context(text: torch.Tensor, image: torch.Tensor, has_image: torch.Tensor, empty: torch.Tensor,
-                         policy: PromptPolicy = PromptPolicy(), generator: torch.Generator | None = None):
+                         rng: PerSampleRandom, policy: PromptPolicy = PromptPolicy()):
     """Per sample one of: the image prompt, the text prompt, their mean (uniformly), text only where the
     sample has no image prompt; then with probability cfg_dropout the empty-condition embedding of that kind.
 
     text, image: [B, 1, D]; has_image: [B] bool; empty: [3, D] (text, image, both).
     Returns (context [B, 1, D], kind [B] in {PROMPT_TEXT, PROMPT_IMAGE, PROMPT_BOTH}, dropped [B] bool).
     """
-    batch = text.shape[0]
-    choice = torch.randint(0, 3, (batch,), generator=generator, device=text.device)
+    choice = rng.randint(3).to(text.device)
     kind = torch.where(has_image.to(text.device), choice, torch.full_like(choice, PROMPT_TEXT))
     both = (text + image) / 2
     context = torch.where((kind == PROMPT_IMAGE).view(-1, 1, 1), image,
                           torch.where((kind == PROMPT_BOTH).view(-1, 1, 1), both, text))
-    dropped = torch.rand(batch, generator=generator, device=text.device) < policy.cfg_dropout
+    dropped = rng.rand().to(text.device) < policy.cfg_dropout
     context = torch.where(dropped.view(-1, 1, 1), empty[kind].unsqueeze(1).to(context.dtype), context)
     return context, kind, dropped
 
 
-def noisy(scheduler: DDPMScheduler, x0: torch.Tensor, generator: torch.Generator | None = None):
-    """(x_t, noise, t) with t uniform over the training timesteps."""
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator,
-                      device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+def noisy(scheduler: DDPMScheduler, x0: torch.Tensor, rng: PerSampleRandom,
+          t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, noise, t); t uniform over the training timesteps unless given."""
+    if t is None:
+        t = rng.randint(scheduler.config.num_train_timesteps).to(x0.device)
+    noise = rng.randn(x0.shape[1:], dtype=x0.dtype).to(x0.device)
     return scheduler.add_noise(x0, noise, t), noise, t
 
 
@@ -78,9 +100,9 @@ def eps_mse(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def stream_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, context: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                rng: PerSampleRandom) -> torch.Tensor:
     """Single-stream denoising loss (connectors unused)."""
-    x_t, noise, t = noisy(scheduler, x0, generator)
+    x_t, noise, t = noisy(scheduler, x0, rng)
     return eps_mse(unet(x_t, t, context), noise)
 
 
@@ -91,14 +113,16 @@ def environment_contrastive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def joint_loss(unets: list, scheduler: DDPMScheduler, x0s: list[torch.Tensor], context: torch.Tensor,
-               wiring: str = "paper", generator: torch.Generator | None = None) -> torch.Tensor:
+               rng: PerSampleRandom, wiring: str = "paper") -> torch.Tensor:
     """Two streams denoised together with a shared t: (MSE_a + MSE_b + 2 * contrastive) / 2."""
     if len(unets) != 2 or wiring not in ("paper", "released"):
         raise ValueError("joint_loss takes two streams and wiring 'paper' or 'released'")
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0s[0].shape[0],), generator=generator,
-                      device=x0s[0].device)
-    noises = [torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) for x in x0s]
-    x_ts = [scheduler.add_noise(x, n, t) for x, n in zip(x0s, noises)]
+    t = rng.randint(scheduler.config.num_train_timesteps).to(x0s[0].device)
+    x_ts, noises = [], []
+    for x0 in x0s:
+        x_t, noise, _ = noisy(scheduler, x0, rng, t)
+        x_ts.append(x_t)
+        noises.append(noise)
     envs = [unet.environment(x_t, t) for unet, x_t in zip(unets, x_ts)]
     attend = envs[::-1] if wiring == "paper" else envs
     mse = sum(eps_mse(unet(x_t, t, context, env=env), n) for unet, x_t, env, n in zip(unets, x_ts, attend, noises))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .diffusion import PerSampleRandom
 from .encoders import clip_image_token, clip_text_token
 from .optimus import Optimus
 
@@ -50,15 +51,15 @@ def cyclic_beta(step: int, total_steps: int, cycles: int = 1, ratio_zero: float 
 
 
 def optimus_loss(optimus: Optimus, bert_ids: torch.Tensor, gpt_ids: torch.Tensor, beta: float,
-                 bert_mask: torch.Tensor | None = None, dim_target_kl: float = 3.0,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                 rng: PerSampleRandom, bert_mask: torch.Tensor | None = None,
+                 dim_target_kl: float = 3.0) -> dict[str, torch.Tensor]:
     """Token cross-entropy (summed over each report, padding ignored) + beta * KL, averaged over the batch.
 
     While beta is 0 the full KL is reported; once beta > 0 only the (sample, dimension) terms above
     dim_target_kl count (free bits), as in the released recipe.
     """
     mean, logvar = optimus.encode(bert_ids, bert_mask)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    noise = rng.randn(mean.shape[1:], dtype=mean.dtype).to(mean.device)
     z = mean + (0.5 * logvar).exp() * noise
     pad = optimus.decoder.config.pad_token_id
     logits = optimus.decode_logits(z, gpt_ids[:, :-1], (gpt_ids[:, :-1] != pad).long())
