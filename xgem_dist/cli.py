@@ -8,7 +8,8 @@ import json
 import logging
 import sys
 
-from .config import ShardConfig, build_config
+from .config import LaunchConfig, ShardConfig, TrainConfig, build_config
+from .presets import preset_path
 
 
 def _add_shard_args(p: argparse.ArgumentParser) -> None:
@@ -72,10 +73,41 @@ def cmd_convert_released(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes key=value, got {pair!r}")
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    train = build_config(TrainConfig, preset_path(args.config) if args.config else None,
+                         {**_overrides(args.set), "shards": args.shards, "run_dir": args.run_dir,
+                          "steps": args.steps})
+    launch_fields = {f.name for f in dataclasses.fields(LaunchConfig)}
+    launch = build_config(LaunchConfig, None, {k: v for k, v in vars(args).items() if k in launch_fields})
+    if launch.launcher == "local":
+        from .train.loop import run
+
+        summary = run(train, use_ray=False, timeout_s=launch.timeout_s)
+    elif launch.launcher == "ray":
+        from .train.ray_launch import launch_ray
+
+        summary = launch_ray(train, launch)
+    else:
+        raise ValueError(f"launcher must be 'ray' or 'local', got {launch.launcher!r}")
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
-    return quickstart(args.workdir)
+    return quickstart(args.workdir, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,8 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="xgem", choices=["xgem"])
     p.set_defaults(func=cmd_convert_released)
 
+    p = sub.add_parser("train", help="train a stage of XGeM on shards (Ray Train by default; --launcher local "
+                                     "for torchrun or one process)")
+    p.add_argument("--config", help="a TrainConfig preset (name in xgem_dist/presets or a YAML path)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    p.add_argument("--shards")
+    p.add_argument("--run-dir", dest="run_dir")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--launcher", help="ray (default) | local")
+    p.add_argument("--num-workers", dest="num_workers", type=int)
+    p.add_argument("--min-workers", dest="min_workers", type=int, help="elastic: shrink down to this many")
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_const", const=True)
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--storage-path", dest="storage_path", help="Ray checkpoint storage: path, s3://, gs://")
+    p.add_argument("--name", help="Ray run name (reusing it resumes that run)")
+    p.add_argument("--max-failures", dest="max_failures", type=int)
+    p.add_argument("--timeout-s", dest="timeout_s", type=int)
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("quickstart", help="the end-to-end demo on generated data")
     p.add_argument("--workdir", default="quickstart_out")
+    p.add_argument("--steps", type=int, default=8)
     p.set_defaults(func=cmd_quickstart)
     return parser
 

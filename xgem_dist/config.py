@@ -79,3 +79,53 @@ def config_hash(config: Any, exclude: tuple[str, ...] = ()) -> str:
     """A stable hash of a dataclass's fields, to detect a resume under different settings."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in exclude}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run: what trains, on which shards, how, and where checkpoints and logs go."""
+
+    model: str = "tiny"  # preset: tiny | xgem-lean | xgem
+    stage: str = "frontal"  # see xgem_dist.model.stages.STAGES
+    shards: str = ""  # shard-set root or split folder (any fsspec URL)
+    split: str = "train"
+    tokenizers: str = ""  # folder with clip/ bert/ gpt2/; empty: train small ones on the split's reports
+    image_size: int = 64
+    global_batch: int = 8
+    grad_accum: int = 1
+    steps: int = 20
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_ratio: float = 0.2  # linear warm-up over this share of the steps, then cosine to 0
+    grad_clip: float = 1.0
+    deepspeed_config: str = "zero3"  # a name in ds_configs/ or a path to a JSON config
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    wiring: str = "paper"  # joint stages: connectors attend to the other stream (paper) or their own (released)
+    cfg_dropout: float = 0.1
+    seed: int = 0
+    run_dir: str = "runs/xgem"  # checkpoints/ and tensorboard/ under it (local launchers)
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # auto (latest in run_dir or Ray's) | none | a checkpoint folder
+    log_every: int = 1
+    # fault injection for tests: a rank exits hard at this step (once per run_dir), or while saving it
+    fail_at_step: int = -1
+    fail_in_save_at_step: int = -1
+    fingerprints: bool = False  # tests: rank 0 writes full params and Adam moments at each save and load
+
+
+@dataclasses.dataclass
+class LaunchConfig:
+    """How `xgem-dist train` starts the loop: under Ray Train (default) or in the current process group."""
+
+    launcher: str = "ray"  # ray | local (plain torch.distributed env: torchrun, or a single process)
+    num_workers: int = 2
+    min_workers: int = 0  # >0 makes the worker group elastic between min_workers and num_workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    address: str = ""  # Ray cluster address; empty: local / RAY_ADDRESS
+    storage_path: str = ""  # Ray RunConfig storage (local path, s3://, gs://); empty: <run_dir>/ray
+    name: str = "xgem"
+    max_failures: int = 3
+    timeout_s: int = 120  # collective timeout, so a hung rank fails the group instead of blocking it

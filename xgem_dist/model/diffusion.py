@@ -94,16 +94,20 @@ def noisy(scheduler: DDPMScheduler, x0: torch.Tensor, rng: PerSampleRandom,
     return scheduler.add_noise(x0, noise, t), noise, t
 
 
-def eps_mse(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Mean over each sample's latent, then over the batch."""
-    return F.mse_loss(prediction.float(), noise.float(), reduction="none").flatten(1).mean(1).mean()
+def eps_mse(prediction: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over each sample's latent, then over the batch (weighted: over the samples with weight)."""
+    per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").flatten(1).mean(1)
+    if weights is None:
+        return per_sample.mean()
+    weights = weights.to(per_sample)
+    return (per_sample * weights).sum() / weights.sum().clamp(min=1)
 
 
 def stream_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, context: torch.Tensor,
-                rng: PerSampleRandom) -> torch.Tensor:
-    """Single-stream denoising loss (connectors unused)."""
+                rng: PerSampleRandom, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Single-stream denoising loss (connectors unused); weights mask samples that lack the target."""
     x_t, noise, t = noisy(scheduler, x0, rng)
-    return eps_mse(unet(x_t, t, context), noise)
+    return eps_mse(unet(x_t, t, context), noise, weights)
 
 
 def environment_contrastive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -113,7 +117,7 @@ def environment_contrastive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def joint_loss(unets: list, scheduler: DDPMScheduler, x0s: list[torch.Tensor], context: torch.Tensor,
-               rng: PerSampleRandom, wiring: str = "paper") -> torch.Tensor:
+               rng: PerSampleRandom, wiring: str = "paper", weights: torch.Tensor | None = None) -> torch.Tensor:
     """Two streams denoised together with a shared t: (MSE_a + MSE_b + 2 * contrastive) / 2."""
     if len(unets) != 2 or wiring not in ("paper", "released"):
         raise ValueError("joint_loss takes two streams and wiring 'paper' or 'released'")
@@ -125,5 +129,6 @@ def joint_loss(unets: list, scheduler: DDPMScheduler, x0s: list[torch.Tensor], c
         noises.append(noise)
     envs = [unet.environment(x_t, t) for unet, x_t in zip(unets, x_ts)]
     attend = envs[::-1] if wiring == "paper" else envs
-    mse = sum(eps_mse(unet(x_t, t, context, env=env), n) for unet, x_t, env, n in zip(unets, x_ts, attend, noises))
+    mse = sum(eps_mse(unet(x_t, t, context, env=env), n, weights)
+              for unet, x_t, env, n in zip(unets, x_ts, attend, noises))
     return (mse + 2 * environment_contrastive(envs[0], envs[1])) / 2

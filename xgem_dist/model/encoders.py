@@ -6,6 +6,7 @@ a view (1-channel images are repeated to 3 channels; one vision tower serves bot
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -61,14 +62,18 @@ class CLIPTowersConfig:
                           projection_dim=self.projection_dim)
 
 
-def build_clip(cfg: CLIPTowersConfig = CLIPTowersConfig()) -> CLIPModel:
+def build_clip(cfg: CLIPTowersConfig = CLIPTowersConfig(), init_context=None) -> CLIPModel:
     """transformers' CLIPModel. With cfg.temporal every vision layer also holds `temporal_self_attn`,
-    as in the released model; transformers' forward never calls it."""
+    as in the released model; transformers' forward never calls it.
+
+    CLIP is built whole even under ZeRO-3 (DeepSpeed then partitions it when the engine starts):
+    DeepSpeed 0.19's zero.Init cannot gather a 0-dim parameter such as CLIP's logit_scale."""
     clip = CLIPModel(cfg.to_transformers())
     if cfg.temporal:
         vision = clip.config.vision_config
-        for layer in clip.vision_model.encoder.layers:
-            layer.temporal_self_attn = CLIPTemporalBlock(vision.hidden_size, vision.num_attention_heads)
+        with init_context() if init_context else contextlib.nullcontext():
+            for layer in clip.vision_model.encoder.layers:
+                layer.temporal_self_attn = CLIPTemporalBlock(vision.hidden_size, vision.num_attention_heads)
     return clip
 
 

@@ -8,9 +8,11 @@ with one) attend to an environment vector. Single-stream denoising passes no vec
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D
@@ -32,6 +34,13 @@ class ImageUNetConfig:
     norm_num_groups: int = 32
     env_base_channels: int = 160  # environment encoder's first conv
     temporal: bool = False  # the released layout's temporal blocks after every resnet (identity on images)
+
+
+def run_block(checkpointing: bool, module: nn.Module, *args, **kwargs):
+    """module(*args, **kwargs), recomputed in the backward pass when activation checkpointing is on."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(functools.partial(module, **kwargs), *args, use_reentrant=False)
+    return module(*args, **kwargs)
 
 
 def connector_block(channels: int, cfg: ImageUNetConfig) -> Transformer2DModel:
@@ -81,6 +90,7 @@ class ImageUNet(nn.Module):
     def __init__(self, cfg: ImageUNetConfig = ImageUNetConfig()):
         super().__init__()
         self.config = cfg
+        self.gradient_checkpointing = False
         n_attn, levels = cfg.attention_levels, len(cfg.block_out_channels)
         self.unet = UNet2DConditionModel(
             in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
@@ -117,14 +127,19 @@ class ImageUNet(nn.Module):
         temporal = iter(
             [*self.temporal_down, *self.temporal_mid, *self.temporal_up] if self.config.temporal else [])
 
+        ckpt = self.gradient_checkpointing
+
         def resnet_step(resnet, h: torch.Tensor) -> torch.Tensor:
-            h = resnet(h, temb)
+            h = run_block(ckpt, resnet, h, temb)
             return next(temporal)(h) if self.config.temporal else h
+
+        def attend(attention, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+            return run_block(ckpt, attention, h, encoder_hidden_states=ctx, return_dict=False)[0]
 
         def connect(h: torch.Tensor, has_connector: bool, connectors) -> torch.Tensor:
             if env is None or not has_connector:
                 return h
-            return next(connectors)(h, encoder_hidden_states=env, return_dict=False)[0]
+            return attend(next(connectors), h, env)
 
         h = unet.conv_in(x)
         skips = [h]
@@ -133,7 +148,7 @@ class ImageUNet(nn.Module):
             for j, resnet in enumerate(block.resnets):
                 h = resnet_step(resnet, h)
                 if attentions is not None:
-                    h = attentions[j](h, encoder_hidden_states=context, return_dict=False)[0]
+                    h = attend(attentions[j], h, context)
                 h = connect(h, attentions is not None, down)
                 skips.append(h)
             if block.downsamplers is not None:
@@ -141,7 +156,7 @@ class ImageUNet(nn.Module):
                 skips.append(h)
         mid = unet.mid_block
         h = resnet_step(mid.resnets[0], h)
-        h = mid.attentions[0](h, encoder_hidden_states=context, return_dict=False)[0]
+        h = attend(mid.attentions[0], h, context)
         h = resnet_step(mid.resnets[1], h)
         for block in unet.up_blocks:
             attentions = getattr(block, "attentions", None)
@@ -149,7 +164,7 @@ class ImageUNet(nn.Module):
             for j, resnet in enumerate(block.resnets):
                 h = resnet_step(resnet, torch.cat([h, skips.pop()], dim=1))
                 if attentions is not None:
-                    h = attentions[j](h, encoder_hidden_states=context, return_dict=False)[0]
+                    h = attend(attentions[j], h, context)
                 if j < last:
                     h = connect(h, attentions is not None, up)
             if block.upsamplers is not None:

@@ -7,6 +7,7 @@ three extra tokens: <PAD>, <BOS>, <EOS>.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +30,16 @@ class OptimusConfig:
 
 
 class Optimus(nn.Module):
-    def __init__(self, cfg: OptimusConfig = OptimusConfig()):
+    def __init__(self, cfg: OptimusConfig = OptimusConfig(), init_context=None):
         super().__init__()
         self.config = cfg
-        self.encoder = BertModel(cfg.bert_config(), add_pooling_layer=True)
-        self.to_posterior = nn.Linear(self.encoder.config.hidden_size, 2 * cfg.latent_dim, bias=False)
-        self.decoder = GPT2LMHeadModel(cfg.gpt2_config())
+        self.encoder = BertModel._from_config(cfg.bert_config(), add_pooling_layer=True)
+        self.decoder = GPT2LMHeadModel._from_config(cfg.gpt2_config())
         gpt = self.decoder.config
-        self.latent_to_memory = nn.Linear(cfg.latent_dim, gpt.n_layer * gpt.n_embd, bias=False)
-        self.latent_to_embedding = nn.Linear(cfg.latent_dim, gpt.n_embd, bias=False)
+        with init_context() if init_context else contextlib.nullcontext():
+            self.to_posterior = nn.Linear(self.encoder.config.hidden_size, 2 * cfg.latent_dim, bias=False)
+            self.latent_to_memory = nn.Linear(cfg.latent_dim, gpt.n_layer * gpt.n_embd, bias=False)
+            self.latent_to_embedding = nn.Linear(cfg.latent_dim, gpt.n_embd, bias=False)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """(mean, logvar), each [B, latent_dim], from the pooled [CLS] state."""

@@ -15,7 +15,6 @@ STAGES = {
     "joint-frontal": ("unet_frontal.env_encoder.", "unet_frontal.down_connectors.", "unet_frontal.up_connectors."),
     "joint-lateral": ("unet_lateral.env_encoder.", "unet_lateral.down_connectors.", "unet_lateral.up_connectors."),
 }
-STAGES["joint"] = STAGES["joint-text"] + STAGES["joint-frontal"] + STAGES["joint-lateral"]
 # the text UNet's core excludes its connectors; the other prefixes above are already exact
 _EXCLUDED = {"text": ("unet_text.env_encoder.", "unet_text.down_connectors.", "unet_text.up_connectors.")}
 

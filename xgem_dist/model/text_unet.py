@@ -15,6 +15,8 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
+from .image_unet import run_block
+
 TOKENS = 4
 
 
@@ -89,6 +91,7 @@ class TextUNet(nn.Module):
     def __init__(self, cfg: TextUNetConfig = TextUNetConfig()):
         super().__init__()
         self.config = cfg
+        self.gradient_checkpointing = False
         chans, groups, n = cfg.block_out_channels, cfg.norm_num_groups, cfg.layers_per_block
         temb_dim = chans[0] * 4
         self.time_proj = Timesteps(chans[0], flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -146,13 +149,22 @@ class TextUNet(nn.Module):
         resnets, attentions = iter(self.down_resnets), iter(self.down_attentions)
         connectors = iter(self.down_connectors)
 
-        def attend(h, has_attention):
-            return next(attentions)(h, encoder_hidden_states=context, return_dict=False)[0] if has_attention else h
+        ckpt = self.gradient_checkpointing
+
+        def resnet_step(resnet, h):
+            return run_block(ckpt, resnet, h, temb)
+
+        def attend(h, has_attention, module=None, ctx=None):
+            if not has_attention:
+                return h
+            module = module if module is not None else next(attentions)
+            return run_block(ckpt, module, h, encoder_hidden_states=context if ctx is None else ctx,
+                             return_dict=False)[0]
 
         def connect(h, has_connector):
             if env is None or not has_connector:
                 return h
-            return next(connectors)(h, encoder_hidden_states=env, return_dict=False)[0]
+            return attend(h, True, next(connectors), env)
 
         h = self.linear_in(x).view(x.shape[0], cfg.block_out_channels[0], TOKENS, 1)
         skips = [h]
@@ -160,19 +172,19 @@ class TextUNet(nn.Module):
         for level in range(levels):
             with_attention = level < cfg.attention_levels
             for _ in range(n):
-                h = connect(attend(next(resnets)(h, temb), with_attention), with_attention)
+                h = connect(attend(resnet_step(next(resnets), h), with_attention), with_attention)
                 skips.append(h)
             if level < levels - 1:
                 h = _apply(self.downsamplers[level], h)
                 skips.append(h)
-        h = self.mid_resnets[0](h, temb)
-        h = self.mid_attention(h, encoder_hidden_states=context, return_dict=False)[0]
-        h = self.mid_resnets[1](h, temb)
+        h = resnet_step(self.mid_resnets[0], h)
+        h = attend(h, True, self.mid_attention)
+        h = resnet_step(self.mid_resnets[1], h)
         resnets, attentions, connectors = iter(self.up_resnets), iter(self.up_attentions), iter(self.up_connectors)
         for i, level in enumerate(reversed(range(levels))):
             with_attention = level < cfg.attention_levels
             for j in range(n + 1):
-                h = attend(next(resnets)(torch.cat([h, skips.pop()], dim=1), temb), with_attention)
+                h = attend(resnet_step(next(resnets), torch.cat([h, skips.pop()], dim=1)), with_attention)
                 if j < n:
                     h = connect(h, with_attention)
             if level > 0:

@@ -8,6 +8,7 @@ lean structure in under 5M parameters for CPU tests.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,27 +55,35 @@ PRESETS: dict[str, XGeMConfig] = {
 }
 
 
-class XGeM(nn.Module):
-    """frontal and lateral image UNets, the text UNet, the image VAE, Optimus and CLIP."""
+InitContext = Callable[[], contextlib.AbstractContextManager]
 
-    def __init__(self, cfg: XGeMConfig):
+
+class XGeM(nn.Module):
+    """frontal and lateral image UNets, the text UNet, the image VAE, Optimus and CLIP.
+
+    init_context makes a fresh context (e.g. `lambda: deepspeed.zero.Init(...)`) that wraps the
+    construction of our and diffusers' modules; transformers' BERT and GPT-2 are built through
+    `_from_config`, which partitions them itself (and initialises them correctly) when ZeRO-3 is
+    configured for transformers (HfDeepSpeedConfig); CLIP: see build_clip."""
+
+    def __init__(self, cfg: XGeMConfig, init_context: InitContext | None = None):
         super().__init__()
         self.config = cfg
-        self.unet_frontal = ImageUNet(cfg.image_unet)
-        self.unet_lateral = ImageUNet(cfg.image_unet)
-        self.unet_text = TextUNet(cfg.text_unet)
-        self.vae = build_vae(cfg.vae)
-        self.optimus = Optimus(cfg.optimus)
-        self.clip = build_clip(cfg.clip)
+        with init_context() if init_context else contextlib.nullcontext():
+            self.unet_frontal = ImageUNet(cfg.image_unet)
+            self.unet_lateral = ImageUNet(cfg.image_unet)
+            self.unet_text = TextUNet(cfg.text_unet)
+            self.vae = build_vae(cfg.vae)
+        self.optimus = Optimus(cfg.optimus, init_context)
+        self.clip = build_clip(cfg.clip, init_context)
 
 
 def build_xgem(preset: str | XGeMConfig, device: str | torch.device | None = None,
-               init_context: contextlib.AbstractContextManager | None = None) -> XGeM:
-    """Builds a preset. device="meta" allocates nothing; init_context (e.g. deepspeed.zero.Init(...))
-    wraps construction so that parameters are partitioned as they are created."""
+               init_context: InitContext | None = None) -> XGeM:
+    """Builds a preset. device="meta" allocates nothing; init_context: see XGeM."""
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
-    with init_context or contextlib.nullcontext(), torch.device(device) if device else contextlib.nullcontext():
-        return XGeM(cfg)
+    with torch.device(device) if device else contextlib.nullcontext():
+        return XGeM(cfg, init_context)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

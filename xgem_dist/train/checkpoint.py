@@ -1,0 +1,172 @@
+"""Checkpoints: DeepSpeed's shards from every rank plus our own state, complete or absent, resumable on
+any world size.
+
+A checkpoint folder holds DeepSpeed's `latest` + `<tag>/` (model and optimizer shards of each rank)
+and `xgem_state.json` (step, samples consumed, data-stream state, RNG state, config hash).
+- Local launchers: ranks write `<run_dir>/checkpoints/<tag>.partial/`; after a barrier rank 0 adds the
+  state, renames the folder to `<tag>` and only then points `latest` at it; the last K are kept. A
+  crash mid-save leaves a `.partial` folder that nothing reads.
+- Ray Train: each rank writes a local folder and reports it with the same name; Ray registers the
+  checkpoint only once every rank reported, persists it to the run's storage and keeps the last K.
+- Loading on a world size other than the one that saved converts the checkpoint to DeepSpeed's
+  universal format first (once per node, node-local), then loads with load_universal.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+STATE = "xgem_state.json"
+LATEST = "latest_checkpoint"
+
+
+def saved_world_size(folder: str | Path) -> int:
+    folder = Path(folder)
+    tag = (folder / "latest").read_text().strip()
+    return len(glob.glob(str(folder / tag / "*_optim_states.pt")))
+
+
+def to_universal(folder: str | Path, scratch: str | Path) -> Path:
+    """DeepSpeed's ds_to_universal into `scratch`; returns the folder to load with load_universal."""
+    folder, scratch = Path(folder), Path(scratch)
+    tag = (folder / "latest").read_text().strip()
+    target = scratch / f"{tag}_universal"
+    if not (scratch / "latest_universal").exists():
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(folder / tag), "--output_folder", str(target), "--num_extract_workers", "1",
+                        "--num_merge_workers", "1"], check=True, capture_output=True)
+    return scratch
+
+
+def rng_state() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def fingerprint(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """Full fp32 parameters and Adam moments of every trainable parameter (a collective: all ranks call)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        out[name] = {"param": safe_get_full_fp32_param(param).detach().cpu().clone()}
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = safe_get_full_optimizer_state(param, key)
+            out[name][key] = None if state is None else state.detach().cpu().clone()
+    return out
+
+
+class CheckpointManager:
+    def __init__(self, folder: str | Path, rank: int, world_size: int, keep: int, use_ray: bool):
+        self.folder, self.rank, self.world_size = Path(folder), rank, world_size
+        self.keep, self.use_ray = keep, use_ray
+
+    # ---- finding what to resume from
+    @contextmanager
+    def latest(self, explicit: str = "auto"):
+        """The folder of the checkpoint to resume from (or None), valid inside the with-block."""
+        if explicit == "none":
+            yield None
+        elif explicit != "auto":
+            yield Path(explicit)
+        elif self.use_ray:
+            import ray.train
+
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is None:
+                yield None
+            else:
+                with checkpoint.as_directory() as folder:
+                    yield Path(folder)
+        else:
+            pointer = self.folder / LATEST
+            yield self.folder / pointer.read_text().strip() if pointer.exists() else None
+
+    # ---- saving
+    def save(self, engine, state: dict, tag: str, metrics: dict, fail_in_save: bool = False) -> None:
+        if self.use_ray:
+            self._save_ray(engine, state, tag, metrics, fail_in_save)
+        else:
+            self._save_local(engine, state, tag, fail_in_save)
+
+    def _write_state(self, folder: Path, state: dict) -> None:
+        (folder / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+
+    def _save_ray(self, engine, state, tag, metrics, fail_in_save) -> None:
+        import ray.train
+
+        folder = Path(tempfile.mkdtemp(prefix=f"xgem-{tag}-"))
+        try:
+            engine.save_checkpoint(str(folder), tag=tag)
+            if fail_in_save:
+                os._exit(1)
+            if self.rank == 0:
+                self._write_state(folder, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                             checkpoint_dir_name=tag)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _save_local(self, engine, state, tag, fail_in_save) -> None:
+        partial = self.folder / f"{tag}.partial"
+        engine.save_checkpoint(str(partial), tag=tag)
+        if fail_in_save:
+            os._exit(1)
+        torch.distributed.barrier()
+        if self.rank == 0:
+            self._write_state(partial, state)
+            final = self.folder / tag
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            pointer = self.folder / f".{LATEST}.tmp"
+            pointer.write_text(tag)
+            os.replace(pointer, self.folder / LATEST)
+            self._prune(tag)
+        torch.distributed.barrier()
+
+    def _prune(self, newest: str) -> None:
+        done = sorted(p for p in self.folder.iterdir() if p.is_dir() and (p / STATE).exists())
+        for old in done[: max(0, len(done) - self.keep)]:
+            if old.name != newest:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in self.folder.glob("*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ---- loading
+    def needs_universal(self, folder: Path) -> bool:
+        return saved_world_size(folder) != self.world_size
+
+    def prepare(self, folder: Path, local_rank: int) -> tuple[Path, bool]:
+        """(folder to load, whether it is universal). Converts once per node when the world size changed."""
+        if not self.needs_universal(folder):
+            return folder, False
+        digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+        scratch = Path(tempfile.gettempdir()) / f"xgem-universal-{os.getuid()}-{digest}"
+        if local_rank == 0:
+            saved = saved_world_size(folder)
+            log.warning("checkpoint %s was written by %d rank(s); converting for %d", folder, saved,
+                        self.world_size)
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+            to_universal(folder, scratch)
+        torch.distributed.barrier()
+        return scratch, True
+
+    @staticmethod
+    def read_state(folder: Path) -> dict:
+        return json.loads((folder / STATE).read_text())

@@ -1,0 +1,142 @@
+"""The one place DeepSpeed is configured: distributed init, the config, zero.Init, the optimizer and
+LR schedule, deepspeed.initialize."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..model.stages import apply_stage
+from ..model.tokenizers import Tokenizers
+from ..model.xgem import build_xgem
+from .task import TrainingTask
+
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def init_distributed(timeout_s: int = 120) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torch.distributed environment (torchrun, Ray Train, or none:
+    a single process on 127.0.0.1). Reuses a process group that already exists."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.cuda.is_available():
+        # DeepSpeed JIT-compiles a shared-memory op for CPU inference collectives at init (1-2 minutes of
+        # g++); training collectives go through gloo, so skip it.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _allow_scalar_parameters_in_zero_init() -> None:
+    """DeepSpeed 0.19's zero.Init broadcasts each new parameter through a uint8 view, which a 0-dim tensor
+    (CLIP's logit_scale) cannot give ("self.dim() cannot be 0 to view"); broadcast those through a
+    1-element view of the same storage instead."""
+    from deepspeed import comm as dist
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    if getattr(Init, "_xgem_scalars", False):
+        return
+    original = Init._zero_init_param
+
+    def zero_init_param(self, param):
+        if param.dim() != 0:
+            return original(self, param)
+        self._convert_to_deepspeed_param(param)
+        group = self.get_partition_dp_group(param)
+        source = 0 if dist.get_world_group() == group else dist.get_global_rank(group, 0)
+        dist.broadcast(param.data.reshape(1).view(torch.uint8), source, group)
+        param.partition()
+
+    Init._zero_init_param = zero_init_param
+    Init._xgem_scalars = True
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
+    path = Path(cfg.deepspeed_config)
+    if not path.suffix:
+        path = DS_CONFIGS / f"{cfg.deepspeed_config}.json"
+    ds = json.loads(path.read_text())
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    filled = {
+        "train_micro_batch_size_per_gpu": cfg.global_batch // (world_size * cfg.grad_accum),
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+    }
+    for key, value in filled.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds.get("bf16", {}).get("enabled") == "auto":
+        ds["bf16"]["enabled"] = bf16
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        params["lr"] = cfg.lr if params.get("lr", "auto") == "auto" else params["lr"]
+        params["weight_decay"] = cfg.weight_decay if params.get("weight_decay", "auto") == "auto" else params[
+            "weight_decay"]
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load_universal: bool = False):
+    """The model built partitioned (zero.Init under ZeRO-3), the stage's trainable parameters in the
+    optimizer and nothing else, warm-up + cosine LR; returns the DeepSpeed engine."""
+    import deepspeed
+
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds = deepspeed_config(cfg, world_size, load_universal)
+    zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
+    _allow_scalar_parameters_in_zero_init()
+    # transformers partitions (and initialises) its models itself while this object is alive
+    hf_zero3 = HfDeepSpeedConfig(copy.deepcopy(ds)) if zero3 else None  # noqa: F841
+    init = (lambda: deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(ds))) if zero3 else None
+    model = build_xgem(cfg.model, init_context=init)
+    if cfg.activation_checkpointing:
+        for unet in (model.unet_frontal, model.unet_lateral, model.unet_text):
+            unet.gradient_checkpointing = True
+    trainable = [p for _, p in apply_stage(model, cfg.stage)]
+    task = TrainingTask(model, cfg.stage, tokenizers, cfg.steps, cfg.wiring, cfg.cfg_dropout)
+    schedule = lr_lambda(cfg.steps, cfg.warmup_ratio)
+    if "optimizer" in ds:
+        optimizer = None
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8)
+    engine, *_ = deepspeed.initialize(
+        model=task, optimizer=optimizer, model_parameters=trainable if optimizer is None else None, config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine

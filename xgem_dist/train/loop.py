@@ -1,0 +1,159 @@
+"""The training loop. Launcher-agnostic: it reads rank and world size from the torch.distributed
+environment, so the same function runs under Ray Train, under torchrun, or as one plain process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import TrainConfig, config_hash
+from ..data.reader import ShardReader
+from ..model.tokenizers import Tokenizers, load_tokenizers, train_small_tokenizers
+from .checkpoint import CheckpointManager, fingerprint, rng_state
+from .engine import build_engine, init_distributed
+
+log = logging.getLogger(__name__)
+# fields that may change between a run and its resumption without changing what is trained
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "fail_at_step",
+                     "fail_in_save_at_step", "fingerprints", "run_dir")
+
+
+def _tokenizers(cfg: TrainConfig, reader: ShardReader) -> Tokenizers:
+    if cfg.tokenizers:
+        return load_tokenizers(cfg.tokenizers)
+    if cfg.model != "tiny":
+        raise ValueError(f"model {cfg.model!r} needs its real tokenizers: set tokenizers to a folder with clip/, "
+                         "bert/ and gpt2/ (save_pretrained layout)")
+    reports = [reader._read(ref, "report.txt") or b"" for ref in reader.samples]
+    return train_small_tokenizers([r.decode() for r in reports if r.strip()] or ["empty"])
+
+
+def _once(run_dir: str, name: str) -> bool:
+    """True the first time it is asked for this run_dir (a marker file), for fault injection."""
+    marker = Path(run_dir) / f".{name}"
+    if marker.exists():
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("1")
+    return True
+
+
+class _Termination:
+    """SIGTERM sets a flag; the loop saves at the end of the step (all ranks agree through an all-reduce)."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (some launchers): rely on the launcher's own handling
+            pass
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([int(self.requested)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
+    """Train cfg.stage of cfg.model from cfg.shards; returns a summary (rank 0's view)."""
+    rank, world, local_rank = init_distributed(timeout_s)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    reader = ShardReader(cfg.shards, cfg.global_batch, rank, world, cfg.image_size, cfg.grad_accum, cfg.seed,
+                         cfg.split)
+    tokenizers = _tokenizers(cfg, reader)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", rank, world, cfg.keep_checkpoints, use_ray)
+    our_hash = config_hash(cfg, exclude=RESUMABLE_CHANGES)
+    start, resumed_from = 0, None
+    with checkpoints.latest(cfg.resume) as folder:
+        load_from, universal = (None, False) if folder is None else checkpoints.prepare(folder, local_rank)
+        engine = build_engine(cfg, tokenizers, world, universal)
+        if folder is not None:
+            path, _ = engine.load_checkpoint(str(load_from))
+            if path is None:
+                raise RuntimeError(f"{load_from}: DeepSpeed found no checkpoint to load")
+            state = CheckpointManager.read_state(folder)
+            if state["config_hash"] != our_hash:
+                log.warning("resuming %s under a different configuration (hash %s, now %s)", folder,
+                            state["config_hash"], our_hash)
+            reader.load_state_dict(state["data"])
+            start, resumed_from = state["step"], str(folder)
+            if rank == 0:
+                log.warning("resumed from %s at step %d (saved by %d rank(s), now %d%s)", folder, start,
+                            state["world_size"], world, ", universal" if universal else "")
+            if cfg.fingerprints:
+                _dump(engine, run_dir / f"fingerprint-load-step{start}-w{world}.pt", rank)
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    termination = _Termination()
+    losses, samples, t0 = [], 0, time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", disable=rank != 0, unit="step")
+    step = start
+    for step in range(start, cfg.steps):
+        engine.module.step = step
+        step_loss = torch.zeros(())
+        for micro in reader.next_step():
+            loss = engine(micro)
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().float().cpu() / cfg.grad_accum
+        torch.distributed.all_reduce(step_loss)
+        step_loss /= world
+        losses.append(step_loss.item())
+        samples += cfg.global_batch
+        bar.update()
+        if writer is not None and (step + 1) % cfg.log_every == 0:
+            writer.add_scalar("train/loss", step_loss.item(), step + 1)
+            writer.add_scalar("train/lr", engine.get_lr()[0], step + 1)
+            writer.add_scalar("train/samples_per_s", samples / (time.perf_counter() - t0), step + 1)
+        if step + 1 == cfg.fail_at_step and rank == world - 1 and _once(cfg.run_dir, "failed_at_step"):
+            os._exit(1)
+        stop = termination.agreed()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
+            state = {"step": step + 1, "samples_consumed": reader.epoch * len(reader.samples) + reader.consumed,
+                     "data": reader.state_dict(), "rng": rng_state(), "world_size": world,
+                     "config_hash": our_hash, "config": dataclasses.asdict(cfg)}
+            if cfg.fingerprints:
+                _dump(engine, run_dir / f"fingerprint-save-step{step + 1}-w{world}.pt", rank)
+            fail = step + 1 == cfg.fail_in_save_at_step and rank == world - 1 and _once(cfg.run_dir, "failed_in_save")
+            checkpoints.save(engine, state, f"checkpoint-{step + 1:07d}", {"loss": step_loss.item(), "step": step + 1},
+                             fail_in_save=fail)
+        if stop:
+            log.warning("SIGTERM: saved at step %d and stopping", step + 1)
+            break
+    bar.close()
+    if writer is not None:
+        writer.close()
+    seconds = time.perf_counter() - t0
+    summary = {"stage": cfg.stage, "model": cfg.model, "world_size": world, "start_step": start,
+               "end_step": step + 1 if cfg.steps > start else start, "resumed_from": resumed_from,
+               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+               "samples_per_s": samples / seconds if seconds > 0 else 0.0,
+               "skipped_views": reader.skipped_views}
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "summary.jsonl", "a") as f:
+            f.write(json.dumps(summary) + "\n")
+    return summary
+
+
+def _dump(engine, path: Path, rank: int) -> None:
+    data = fingerprint(engine) | {"__global_steps__": engine.global_steps}
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, path)

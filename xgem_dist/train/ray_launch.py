@@ -1,0 +1,58 @@
+"""Ray Train as launcher and supervisor around the launcher-agnostic loop: worker placement, restarts
+after failures (from the last complete checkpoint), checkpoint persistence to any storage URL."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from ..config import LaunchConfig, TrainConfig
+
+
+def _worker(config: dict) -> None:
+    import json
+
+    import ray
+
+    from .loop import run
+
+    cfg = TrainConfig(**config["train"])
+    context = ray.train.get_context()
+    placement = {"rank": context.get_world_rank(), "world_size": context.get_world_size(),
+                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    folder = Path(cfg.run_dir) / "placement"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{placement['rank']}-pid{placement['pid']}.json").write_text(json.dumps(placement))
+    run(cfg, use_ray=True, timeout_s=config["timeout_s"])
+
+
+def launch_ray(cfg: TrainConfig, launch: LaunchConfig) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # workers hand results to the controller on its poll; the 2 s default makes each checkpoint wait
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    if not ray.is_initialized():
+        if launch.address:
+            ray.init(address=launch.address)
+        else:  # a private single-node cluster; Ray maps 127.0.0.1 to the machine's address, not 127.0.0.2
+            ray.init(_node_ip_address="127.0.0.2", include_dashboard=False)
+    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
+    storage = launch.storage_path or str(Path(cfg.run_dir) / "ray")
+    workers = (launch.min_workers, launch.num_workers) if launch.min_workers > 0 else launch.num_workers
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"train": dataclasses.asdict(cfg), "timeout_s": launch.timeout_s},
+        torch_config=TorchConfig(backend="nccl" if launch.use_gpu else "gloo", timeout_s=launch.timeout_s),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=launch.use_gpu,
+                                     resources_per_worker={"CPU": launch.cpus_per_worker}),
+        run_config=RunConfig(name=launch.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=launch.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "storage": storage}

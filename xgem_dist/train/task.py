@@ -1,0 +1,116 @@
+"""The loss of each XGeM training stage as one nn.Module, so DeepSpeed wraps a single forward.
+
+Every rank runs the same modules on every step (ZeRO-3 gathers parameters collectively): samples
+that lack what a stage needs (a missing view, an empty report) are masked out of the loss, never
+skipped. All randomness is drawn per sample from the sample's own seed (PerSampleRandom).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.diffusion import (PerSampleRandom, PromptPolicy, image_latents, joint_loss, multi_prompt_context,
+                               stream_loss, text_latents, training_scheduler)
+from ..model.encoders import clip_image_token, clip_text_token
+from ..model.objectives import clip_contrastive_loss, clip_pixels, cyclic_beta, optimus_loss
+from ..model.tokenizers import Tokenizers
+from ..model.xgem import XGeM
+
+JOINT_STREAMS = {"joint-text": ("text", "lateral", "frontal"), "joint-frontal": ("frontal", "lateral", "text"),
+                 "joint-lateral": ("lateral", "frontal", "text")}  # (trained stream, partner, condition)
+
+
+class TrainingTask(nn.Module):
+    def __init__(self, model: XGeM, stage: str, tokenizers: Tokenizers, total_steps: int,
+                 wiring: str = "paper", cfg_dropout: float = 0.1):
+        super().__init__()
+        self.model, self.stage, self.tokenizers = model, stage, tokenizers
+        self.total_steps, self.wiring, self.policy = total_steps, wiring, PromptPolicy(cfg_dropout)
+        self.scheduler = training_scheduler()
+        self.step = 0  # set by the loop: the Optimus KL weight follows it
+        self.unets = {"frontal": model.unet_frontal, "lateral": model.unet_lateral, "text": model.unet_text}
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.unet_frontal.parameters()).dtype
+
+    def _clip_text(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizers.clip(texts, padding="max_length", max_length=self.tokenizers.clip_max_length,
+                                   truncation=True, return_tensors="pt")["input_ids"]
+        return clip_text_token(self.model.clip, ids.to(self._device))
+
+    def _clip_image(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.model.clip.config.vision_config.image_size
+        return clip_image_token(self.model.clip, clip_pixels(images, size).to(self._dtype))
+
+    def _bert(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizers.bert(texts, padding=True, truncation=True, max_length=self.tokenizers.bert_max_length,
+                                   return_tensors="pt")
+        return enc["input_ids"].to(self._device), enc["attention_mask"].to(self._device)
+
+    def _x0(self, modality: str, batch: dict) -> torch.Tensor:
+        if modality == "text":
+            return text_latents(self.model.optimus, *self._bert(batch["report"]))
+        return image_latents(self.model.vae, (batch[modality] * 2 - 1).to(self._dtype))
+
+    def _empty(self) -> dict[str, torch.Tensor]:
+        side = self.model.clip.config.vision_config.image_size
+        with torch.no_grad():
+            text = self._clip_text([""])[0, 0]
+            image = self._clip_image(torch.zeros(1, 1, side, side, device=self._device))[0, 0]
+        return {"text": text, "image": image, "both": (text + image) / 2}
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        batch = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        rng = PerSampleRandom(batch["seed"], self._device)
+        has_report = torch.tensor([bool(r.strip()) for r in batch["report"]], device=self._device)
+        if self.stage in ("frontal", "lateral"):
+            other = "lateral" if self.stage == "frontal" else "frontal"
+            with torch.no_grad():
+                text, image = self._clip_text(batch["report"]), self._clip_image(batch[other])
+            empty = self._empty()
+            context, _, _ = multi_prompt_context(text, image, batch[f"{other}_present"],
+                                                 torch.stack([empty["text"], empty["image"], empty["both"]]),
+                                                 rng, self.policy)
+            return stream_loss(self.unets[self.stage], self.scheduler, self._x0(self.stage, batch),
+                               context.to(self._dtype), rng, batch[f"{self.stage}_present"])
+        if self.stage == "text":
+            with torch.no_grad():
+                frontal, lateral = self._clip_image(batch["frontal"]), self._clip_image(batch["lateral"])
+            blank = self._empty()["image"]
+            context, _, _ = multi_prompt_context(frontal, lateral, batch["lateral_present"],
+                                                 torch.stack([blank, blank, blank]), rng, self.policy)
+            return stream_loss(self.model.unet_text, self.scheduler, self._x0("text", batch),
+                               context.to(self._dtype), rng, has_report)
+        if self.stage == "clip":
+            use_frontal = batch["frontal_present"].view(-1, 1, 1, 1)
+            images = torch.where(use_frontal, batch["frontal"], batch["lateral"])
+            ids = self.tokenizers.clip(batch["report"], padding="max_length", truncation=True,
+                                       max_length=self.tokenizers.clip_max_length, return_tensors="pt")["input_ids"]
+            pixels = clip_pixels(images, self.model.clip.config.vision_config.image_size).to(self._dtype)
+            return clip_contrastive_loss(self.model.clip, ids.to(self._device), pixels)
+        if self.stage == "optimus":
+            bert_ids, bert_mask = self._bert(batch["report"])
+            gpt = self.tokenizers.gpt2(batch["report"], padding=True, truncation=True,
+                                       max_length=self.tokenizers.gpt2_max_length, return_tensors="pt")["input_ids"]
+            beta = cyclic_beta(self.step, self.total_steps)
+            return optimus_loss(self.model.optimus, bert_ids, gpt.to(self._device), beta, rng, bert_mask)["loss"]
+        if self.stage in JOINT_STREAMS:
+            trained, partner, condition = JOINT_STREAMS[self.stage]
+            with torch.no_grad():
+                if condition == "text":
+                    context, blank = self._clip_text(batch["report"]), self._empty()["text"]
+                else:
+                    context, blank = self._clip_image(batch[condition]), self._empty()["image"]
+            dropped = (rng.rand() < self.policy.cfg_dropout).view(-1, 1, 1)
+            context = torch.where(dropped, blank.view(1, 1, -1), context)
+            weights = has_report & batch["frontal_present"] & batch["lateral_present"]
+            x0s = [self._x0(trained, batch), self._x0(partner, batch)]
+            return joint_loss([self.unets[trained], self.unets[partner]], self.scheduler, x0s,
+                              context.to(self._dtype), rng, self.wiring, weights)
+        raise ValueError(f"unknown stage {self.stage!r}")
