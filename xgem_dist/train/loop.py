@@ -153,7 +153,7 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
 
 
 def _dump(engine, path: Path, rank: int) -> None:
-    data = fingerprint(engine) | {"__global_steps__": engine.global_steps}
+    data = fingerprint(engine) | {"__global_steps__": engine.global_steps, "__lr__": engine.get_lr()[0]}
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, path)

@@ -1,0 +1,224 @@
+"""Distributed training: the reader's global order, DeepSpeed config, the loop under one process, torchrun
+and Ray Train, elastic resume across world sizes, kills mid-run and mid-save, ray job submit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from xgem_dist.config import ShardConfig, TrainConfig
+from xgem_dist.data.reader import ShardReader
+from xgem_dist.data.shard import shard
+from xgem_dist.train.engine import deepspeed_config, lr_lambda
+
+from .conftest import free_port
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "RAY_DISABLE_USAGE_STATS": "1", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def shards(demo, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("train") / "shards"
+    shard(ShardConfig(images=demo["root"], reports=demo["root"], out=str(out), max_side=128, samples_per_shard=16,
+                      progress=False))
+    return str(out)
+
+
+def test_reader_gives_every_sample_once_per_epoch_on_any_world_size(shards):
+    sequences = {}
+    for world in (1, 2, 3):
+        readers = [ShardReader(shards, 6, rank, world, 32) for rank in range(world)]
+        seen = []
+        for _ in range(readers[0].steps_per_epoch):
+            for reader in readers:
+                seen += [k for batch in reader.next_step() for k in batch["key"]]
+        sequences[world] = seen
+        assert len(seen) == len(set(seen)) == readers[0].steps_per_epoch * 6
+    assert sorted(sequences[1]) == sorted(sequences[2]) == sorted(sequences[3])
+    assert len(ShardReader(shards, 6, 0, 1, 32).samples) == 51
+
+
+def test_reader_resumes_the_global_sequence_on_another_world_size(shards):
+    def global_keys(readers, steps):
+        keys = []
+        for _ in range(steps):
+            keys += [k for r in readers for b in r.next_step() for k in b["key"]]
+        return keys
+
+    reference = global_keys([ShardReader(shards, 6, 0, 1, 32)], 12)  # crosses into epoch 2
+    first = [ShardReader(shards, 6, r, 2, 32) for r in range(2)]
+    head = global_keys(first, 5)
+    state = first[0].state_dict()
+    for world in (1, 3):
+        resumed = [ShardReader(shards, 6, r, world, 32) for r in range(world)]
+        for reader in resumed:
+            reader.load_state_dict(state)
+        assert head + global_keys(resumed, 7) == reference
+    with pytest.raises(ValueError, match="does not divide"):
+        ShardReader(shards, 6, 0, 4, 32)
+    other = ShardReader(shards, 6, 0, 1, 32, seed=1)
+    with pytest.raises(ValueError, match="another manifest or seed"):
+        other.load_state_dict(state)
+
+
+def test_deepspeed_config_and_lr_schedule():
+    cfg = TrainConfig(global_batch=12, grad_accum=2, grad_clip=0.5, precision="auto")
+    ds = deepspeed_config(cfg, world_size=3, load_universal=True)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] is torch.cuda.is_available() and ds["checkpoint"]["load_universal"] is True
+    offload = deepspeed_config(TrainConfig(deepspeed_config="zero3_offload", lr=3e-5), world_size=1)
+    assert offload["optimizer"]["params"]["lr"] == 3e-5
+    factor = lr_lambda(100, 0.2)
+    assert factor(0) == pytest.approx(1 / 20) and factor(19) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.5) and factor(99) < 0.01
+
+
+def _train(args: list[str], nproc: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+                 "127.0.0.1", "--master-port", str(free_port())] if nproc else [sys.executable])
+    result = subprocess.run([*launcher, "-m", "xgem_dist.cli", "train", "--launcher", "local", *args],
+                            capture_output=True, text=True, env=ENV, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-4000:])
+    return result
+
+
+def _summaries(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "summary.jsonl").read_text().splitlines()]
+
+
+def _assert_same(saved: Path, loaded: Path) -> None:
+    a, b = torch.load(saved), torch.load(loaded)
+    assert a["__global_steps__"] == b["__global_steps__"] and a["__lr__"] == pytest.approx(b["__lr__"])
+    names = [k for k in a if not k.startswith("__")]
+    assert names and names == [k for k in b if not k.startswith("__")]
+    for name in names:
+        for key in ("param", "exp_avg", "exp_avg_sq"):
+            assert a[name][key] is not None and torch.equal(a[name][key], b[name][key]), (name, key)
+
+
+@pytest.mark.slow
+def test_elastic_resume_2_to_1_to_2_and_2_to_3(shards, tmp_path):
+    common = ["--shards", shards, "--set", "global_batch=6", "--set", "checkpoint_every=2", "--set", "fingerprints=true"]
+    w2 = tmp_path / "w2"
+    _train([*common, "--run-dir", str(w2), "--steps", "4"], nproc=2)
+    saved = w2 / "fingerprint-save-step4-w2.pt"
+    checkpoint = w2 / "checkpoints" / "checkpoint-0000004"
+    assert (checkpoint / "xgem_state.json").exists()
+    assert json.loads((checkpoint / "xgem_state.json").read_text())["world_size"] == 2
+
+    w1 = tmp_path / "w1"
+    _train([*common, "--run-dir", str(w1), "--steps", "5", "--set", f"resume={checkpoint}"])
+    _assert_same(saved, w1 / "fingerprint-load-step4-w1.pt")
+    assert _summaries(w1)[-1]["end_step"] == 5
+
+    w3 = tmp_path / "w3"
+    _train([*common, "--run-dir", str(w3), "--steps", "5", "--set", f"resume={checkpoint}"], nproc=3)
+    _assert_same(saved, w3 / "fingerprint-load-step4-w3.pt")
+
+    back = tmp_path / "back_to_2"
+    _train([*common, "--run-dir", str(back), "--steps", "6", "--set",
+            f"resume={w1 / 'checkpoints' / 'checkpoint-0000005'}"], nproc=2)
+    _assert_same(w1 / "fingerprint-save-step5-w1.pt", back / "fingerprint-load-step5-w2.pt")
+    state = json.loads((back / "checkpoints" / "checkpoint-0000006" / "xgem_state.json").read_text())
+    assert state["step"] == 6 and state["data"]["consumed"] == 36 and state["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--shards", shards, "--run-dir", str(run_dir), "--steps", "6", "--set", "global_batch=4",
+            "--set", "checkpoint_every=2", "--set", "fail_in_save_at_step=4"]
+    crashed = _train(args, check=False)
+    assert crashed.returncode != 0
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest_checkpoint").read_text() == "checkpoint-0000002"
+    assert (checkpoints / "checkpoint-0000004.partial").is_dir() and not (checkpoints / "checkpoint-0000004").exists()
+    _train(args)
+    summary = _summaries(run_dir)[-1]
+    assert summary["resumed_from"].endswith("checkpoint-0000002") and summary["end_step"] == 6
+    assert (checkpoints / "latest_checkpoint").read_text() == "checkpoint-0000006"
+    assert not list(checkpoints.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_stops(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "xgem_dist.cli", "train", "--launcher", "local", "--shards", shards,
+                             "--run-dir", str(run_dir), "--steps", "200", "--set", "global_batch=4",
+                             "--set", "checkpoint_every=1000"], stderr=subprocess.PIPE, text=True, env=ENV)
+    progressed = threading.Event()
+
+    def watch():
+        for line in iter(proc.stderr.readline, ""):
+            if "2/200" in line or "3/200" in line:
+                progressed.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert progressed.wait(300), "training made no progress"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(300) == 0
+    step = int((run_dir / "checkpoints" / "latest_checkpoint").read_text().split("-")[1])
+    assert 2 <= step < 200 and _summaries(run_dir)[-1]["end_step"] == step
+
+
+@pytest.mark.slow
+def test_ray_two_nodes_a_worker_killed_training_resumes(shards, tmp_path):
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from xgem_dist.config import LaunchConfig
+    from xgem_dist.train.ray_launch import launch_ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2",
+                                                            "include_dashboard": False})
+    try:
+        for ip in ("127.0.0.3", "127.0.0.4"):
+            cluster.add_node(num_cpus=1, node_ip_address=ip)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        run_dir = tmp_path / "run"
+        train = TrainConfig(shards=shards, run_dir=str(run_dir), steps=6, global_batch=4, checkpoint_every=2,
+                            fail_at_step=3)
+        result = launch_ray(train, LaunchConfig(num_workers=2, max_failures=2, name="two-nodes", timeout_s=60))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert result["metrics"]["step"] == 6 and result["checkpoint"].endswith("checkpoint-0000006")
+    placements = [json.loads(p.read_text()) for p in (run_dir / "placement").glob("*.json")]
+    assert {p["node_ip"] for p in placements} == {"127.0.0.3", "127.0.0.4"}
+    assert len({p["pid"] for p in placements}) >= 4  # the group was started twice
+    summary = _summaries(run_dir)[-1]
+    assert summary["world_size"] == 2 and summary["resumed_from"].endswith("checkpoint-0000002")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_training_to_completion(shards, tmp_path):
+    pytest.importorskip("ray.dashboard")
+    bin_dir = Path(sys.executable).parent
+    port, dashboard = free_port(), free_port()
+    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}"}
+    subprocess.run([str(bin_dir / "ray"), "start", "--head", "--node-ip-address", "127.0.0.2", "--port", str(port),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
+    try:
+        run_dir = tmp_path / "run"
+        job = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
+             "xgem-dist", "train", "--address", "auto", "--num-workers", "1", "--shards", shards,
+             "--run-dir", str(run_dir), "--steps", "2", "--set", "global_batch=4", "--set", "checkpoint_every=2"],
+            capture_output=True, text=True, env=env, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    assert _summaries(run_dir)[-1]["end_step"] == 2
