@@ -2,8 +2,13 @@ import csv
 import gzip
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from PIL import Image
 
@@ -75,8 +80,21 @@ def test_recipe_and_flag_override(demo, tmp_path):
     assert cli_main(["shard", "--recipe", str(recipe), "--images", "x", "--reports", "x", "--out", "y"]) == 2
 
 
-def test_quickstart_runs_end_to_end(tmp_path, capsys):
-    assert cli_main(["quickstart", "--workdir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "verify: OK: 6 shards, 63 samples, 0 problem(s)" in out
-    assert (tmp_path / "shards" / "train" / "manifest.json").is_file()
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end(tmp_path):
+    """The README's main command: shards, 2 Ray workers with a kill, then 1 worker, TensorBoard logs."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "RAY_DISABLE_USAGE_STATS": "1"}
+    done = subprocess.run([sys.executable, "-m", "xgem_dist.cli", "quickstart", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "[2/5] shards: 63 samples in 6 shards, verify OK" in out
+    assert "[3/5] 2 workers: a worker was killed at step 5" in out and "finished step 8" in out
+    assert "[4/5] 1 worker: resumed from the 2-worker checkpoint and finished step 12" in out
+    runs = [json.loads(line) for line in (tmp_path / "run" / "summary.jsonl").read_text().splitlines()]
+    assert [(r["world_size"], r["start_step"], r["end_step"]) for r in runs] == [(2, 4, 8), (1, 8, 12)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"]
