@@ -1,38 +1,13 @@
 """Shards written to and verified from s3:// on a real S3-compatible server (moto) bound to 127.0.0.1."""
 
 import json
-import os
 
 import pytest
 
 from xgem_dist.cli import main as cli_main
 from xgem_dist.data.shard import shard
 
-from .conftest import free_port, shard_config
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server_mod = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    port = free_port()
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="cxr")
-        yield endpoint
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+from .conftest import shard_config
 
 
 def test_shard_to_s3_then_verify_from_s3(demo, s3_endpoint, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Distributed training: the reader's global order, DeepSpeed config, the loop under one process, torchrun
+"""Distributed training: DeepSpeed config, the loop under one process, torchrun
 and Ray Train, elastic resume across world sizes, kills mid-run and mid-save, ray job submit."""
 
 import json
@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from xgem_dist.config import ShardConfig, TrainConfig
-from xgem_dist.data.reader import ShardReader
 from xgem_dist.data.shard import shard
 from xgem_dist.train.engine import deepspeed_config, lr_lambda
 
@@ -29,43 +28,6 @@ def shards(demo, tmp_path_factory) -> str:
     shard(ShardConfig(images=demo["root"], reports=demo["root"], out=str(out), max_side=128, samples_per_shard=16,
                       progress=False))
     return str(out)
-
-
-def test_reader_gives_every_sample_once_per_epoch_on_any_world_size(shards):
-    sequences = {}
-    for world in (1, 2, 3):
-        readers = [ShardReader(shards, 6, rank, world, 32) for rank in range(world)]
-        seen = []
-        for _ in range(readers[0].steps_per_epoch):
-            for reader in readers:
-                seen += [k for batch in reader.next_step() for k in batch["key"]]
-        sequences[world] = seen
-        assert len(seen) == len(set(seen)) == readers[0].steps_per_epoch * 6
-    assert sorted(sequences[1]) == sorted(sequences[2]) == sorted(sequences[3])
-    assert len(ShardReader(shards, 6, 0, 1, 32).samples) == 51
-
-
-def test_reader_resumes_the_global_sequence_on_another_world_size(shards):
-    def global_keys(readers, steps):
-        keys = []
-        for _ in range(steps):
-            keys += [k for r in readers for b in r.next_step() for k in b["key"]]
-        return keys
-
-    reference = global_keys([ShardReader(shards, 6, 0, 1, 32)], 12)  # crosses into epoch 2
-    first = [ShardReader(shards, 6, r, 2, 32) for r in range(2)]
-    head = global_keys(first, 5)
-    state = first[0].state_dict()
-    for world in (1, 3):
-        resumed = [ShardReader(shards, 6, r, world, 32) for r in range(world)]
-        for reader in resumed:
-            reader.load_state_dict(state)
-        assert head + global_keys(resumed, 7) == reference
-    with pytest.raises(ValueError, match="does not divide"):
-        ShardReader(shards, 6, 0, 4, 32)
-    other = ShardReader(shards, 6, 0, 1, 32, seed=1)
-    with pytest.raises(ValueError, match="another manifest or seed"):
-        other.load_state_dict(state)
 
 
 def test_deepspeed_config_and_lr_schedule():

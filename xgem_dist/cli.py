@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 from .config import LaunchConfig, ShardConfig, TrainConfig, build_config
@@ -99,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = launch_ray(train, launch)
     else:
         raise ValueError(f"launcher must be 'ray' or 'local', got {launch.launcher!r}")
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1, default=str))
     return 0
 

@@ -91,6 +91,11 @@ class TrainConfig:
     split: str = "train"
     tokenizers: str = ""  # folder with clip/ bert/ gpt2/; empty: train small ones on the split's reports
     image_size: int = 64
+    decoder: str = "auto"  # auto (DALI on GPU, PIL on CPU) | pil | dali-cpu | dali-gpu
+    loader_threads: int = 2
+    prefetch: int = 2  # steps decoded ahead by a background thread (0: none)
+    last_batch: str = "drop"  # drop | pad (the last partial global batch with invalid rows masked out)
+    pin_memory: bool = True
     global_batch: int = 8
     grad_accum: int = 1
     steps: int = 20

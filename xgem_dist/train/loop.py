@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import TrainConfig, config_hash
-from ..data.reader import ShardReader
+from ..data.loader import ShardLoader
 from ..model.tokenizers import Tokenizers, load_tokenizers, train_small_tokenizers
 from .checkpoint import CheckpointManager, fingerprint, rng_state
 from .engine import build_engine, init_distributed
@@ -26,13 +26,13 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "resume", 
                      "fail_in_save_at_step", "fingerprints", "run_dir")
 
 
-def _tokenizers(cfg: TrainConfig, reader: ShardReader) -> Tokenizers:
+def _tokenizers(cfg: TrainConfig, reader: ShardLoader) -> Tokenizers:
     if cfg.tokenizers:
         return load_tokenizers(cfg.tokenizers)
     if cfg.model != "tiny":
         raise ValueError(f"model {cfg.model!r} needs its real tokenizers: set tokenizers to a folder with clip/, "
                          "bert/ and gpt2/ (save_pretrained layout)")
-    reports = [reader._read(ref, "report.txt") or b"" for ref in reader.samples]
+    reports = [reader.read_member(ref, "report.txt") or b"" for ref in reader.samples]
     return train_small_tokenizers([r.decode() for r in reports if r.strip()] or ["empty"])
 
 
@@ -70,8 +70,9 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
     rank, world, local_rank = init_distributed(timeout_s)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    reader = ShardReader(cfg.shards, cfg.global_batch, rank, world, cfg.image_size, cfg.grad_accum, cfg.seed,
-                         cfg.split)
+    reader = ShardLoader(cfg.shards, cfg.global_batch, rank, world, cfg.image_size, cfg.grad_accum, cfg.seed,
+                         cfg.split, decoder=cfg.decoder, threads=cfg.loader_threads, prefetch=cfg.prefetch,
+                         last_batch=cfg.last_batch, pin_memory=cfg.pin_memory)
     tokenizers = _tokenizers(cfg, reader)
     checkpoints = CheckpointManager(run_dir / "checkpoints", rank, world, cfg.keep_checkpoints, use_ray)
     our_hash = config_hash(cfg, exclude=RESUMABLE_CHANGES)

@@ -68,7 +68,12 @@ class TrainingTask(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         batch = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in batch.items()}
         rng = PerSampleRandom(batch["seed"], self._device)
-        has_report = torch.tensor([bool(r.strip()) for r in batch["report"]], device=self._device)
+        valid = batch.get("valid", torch.ones(len(batch["seed"]), dtype=torch.bool, device=self._device))
+        for view in ("frontal", "lateral"):
+            batch[f"{view}_present"] = batch[f"{view}_present"] & valid
+        has_report = torch.tensor([bool(r.strip()) for r in batch["report"]], device=self._device) & valid
+        if self.stage in ("clip", "optimus") and not bool(valid.all()):
+            raise ValueError("last_batch 'pad' is for the diffusion stages; use 'drop' for clip and optimus")
         if self.stage in ("frontal", "lateral"):
             other = "lateral" if self.stage == "frontal" else "frontal"
             with torch.no_grad():

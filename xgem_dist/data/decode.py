@@ -1,0 +1,127 @@
+"""JPEG views -> [B, 1, S, S] float tensors in [0, 1], on the GPU with DALI (nvJPEG) or on the CPU.
+
+Both decoders take a list of encoded JPEGs (None for a missing view) and return (images, present).
+An unreadable JPEG is treated as missing, logged and counted, never replaced by another sample.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def _blank_jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (8, 8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+BLANK_JPEG = _blank_jpeg()
+
+
+class PILDecoder:
+    """CPU decode: JPEG DCT-domain downscaling (draft) to >= S, then a bilinear resize to S x S."""
+
+    def __init__(self, size: int, threads: int = 2):
+        self.size = size
+        self.pool = ThreadPoolExecutor(max(1, threads)) if threads > 1 else None
+        self.failures = 0
+
+    def _one(self, data: bytes | None) -> np.ndarray | None:
+        if not data:
+            return None
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.draft("L", (self.size, self.size))
+            image = image.convert("L").resize((self.size, self.size), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:
+            self.failures += 1
+            log.warning("unreadable JPEG treated as a missing view (%d so far): %s", self.failures, e)
+            return None
+
+    def __call__(self, views: list[bytes | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        arrays = list(self.pool.map(self._one, views)) if self.pool else [self._one(v) for v in views]
+        present = torch.tensor([a is not None for a in arrays])
+        blank = np.zeros((self.size, self.size), dtype=np.uint8)
+        stacked = np.stack([blank if a is None else a for a in arrays])
+        return torch.from_numpy(stacked).unsqueeze(1).float().div_(255.0), present
+
+
+class DALIDecoder:
+    """nvJPEG through DALI: `fn.decoders.image(device="mixed", GRAY)` -> resize on the GPU (device="gpu"),
+    or DALI's CPU operators (device="cpu"). Encoded bytes come in through external_source.
+
+    The shards were checked when written, so the fast path sends every view straight to DALI; only a
+    batch that DALI rejects is checked view by view on the CPU and decoded again without the bad ones."""
+
+    def __init__(self, size: int, max_batch: int, device: str = "gpu", device_id: int = 0, threads: int = 2):
+        self.size, self.max_batch, self.device = size, max_batch, device
+        self.device_id, self.threads = device_id, threads
+        self.failures = 0
+        self.pipe = self._build()
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        decode_device = "mixed" if self.device == "gpu" else "cpu"
+        size = self.size
+
+        @pipeline_def(batch_size=self.max_batch, num_threads=self.threads, prefetch_queue_depth=1,
+                      device_id=self.device_id if self.device == "gpu" else None)
+        def pipeline():
+            jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
+            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.GRAY)
+            return fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def _decodes(self, data: bytes) -> bool:
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.draft("L", (8, 8))
+            image.load()
+            return True
+        except (OSError, ValueError, SyntaxError) as e:
+            self.failures += 1
+            log.warning("unreadable JPEG treated as a missing view (%d so far): %s", self.failures, e)
+            return False
+
+    def _run(self, chunk: list[bytes]) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        self.pipe.feed_input("jpegs", [np.frombuffer(v, dtype=np.uint8) for v in chunk])
+        (images,) = self.pipe.run()
+        if self.device == "gpu":
+            dense = images.as_tensor()
+            target = torch.empty(dense.shape(), dtype=torch.uint8, device="cuda")
+            feed_ndarray(dense, target, cuda_stream=torch.cuda.current_stream())
+            return target
+        return torch.from_numpy(np.stack([np.array(t) for t in images]))
+
+    def __call__(self, views: list[bytes | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        present = torch.tensor([bool(v) for v in views])
+        outputs = []
+        for start in range(0, len(views), self.max_batch):
+            chunk = views[start : start + self.max_batch]
+            try:
+                outputs.append(self._run([v or BLANK_JPEG for v in chunk]))
+            except RuntimeError:
+                self.pipe = self._build()  # a failed run can leave the pipeline unusable
+                for i, v in enumerate(chunk):
+                    if v and not self._decodes(v):
+                        present[start + i] = False
+                ok = present[start : start + len(chunk)].tolist()
+                outputs.append(self._run([v if keep else BLANK_JPEG for v, keep in zip(chunk, ok)]))
+        batch = torch.cat(outputs).permute(0, 3, 1, 2).float().div_(255.0)  # N,H,W,1 -> N,1,H,W
+        batch[~present.to(batch.device)] = 0.0
+        return batch, present

@@ -1,0 +1,206 @@
+"""The streaming loader: exactly-once delivery from a shard split, on any world size, across resumes.
+
+- Order: each epoch is a permutation of the split's samples that depends only on (seed, epoch,
+  manifest). Every optimizer step consumes the next `global_batch` positions; micro-batch m of rank r
+  is a fixed contiguous slice of them. Nothing depends on the world size but the slicing.
+- State: (seed, epoch, samples consumed in the epoch, manifest hash) as of the last step handed to the
+  trainer, whatever has been prefetched. Restoring it on any world size continues the same global
+  sequence.
+- The last partial global batch of an epoch: `drop` (default) or `pad`, where the missing positions
+  come as invalid rows (`valid` False, zero images) — never as repeated samples.
+- Bytes: read by offset through the DALI index files (any fsspec URL, s3:// included), decoded on the
+  GPU with DALI or on the CPU (decode.py); a background thread prefetches a bounded number of steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..storage import Store
+from .decode import DALIDecoder, PILDecoder
+from .shard import MANIFEST
+
+log = logging.getLogger(__name__)
+VIEWS = ("frontal", "lateral")
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    key: str
+    shard: str
+    members: dict[str, tuple[int, int]]  # ext -> (offset, size) in the shard
+
+
+def read_index(text: str, shard: str) -> list[SampleRef]:
+    """Parse a DALI v1.2 webdataset index."""
+    lines = text.strip().split("\n")
+    header = lines[0].split()
+    if header[0] != "v1.2" or int(header[1]) != len(lines) - 1:
+        raise ValueError(f"{shard}: not a v1.2 index with {len(lines) - 1} samples")
+    refs = []
+    for line in lines[1:]:
+        fields = line.split()
+        members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+        refs.append(SampleRef(fields[3].split(".", 1)[0], shard, members))
+    return refs
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A seed of its own for the sample at `position` of the epoch's global order."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+def make_decoder(kind: str, size: int, max_batch: int, threads: int):
+    if kind == "auto":
+        kind = "dali-gpu" if torch.cuda.is_available() else "pil"
+    if kind == "pil":
+        return PILDecoder(size, threads)
+    if kind in ("dali-gpu", "dali-cpu"):
+        return DALIDecoder(size, max_batch, device=kind.split("-")[1],
+                           device_id=torch.cuda.current_device() if kind == "dali-gpu" else 0, threads=threads)
+    raise ValueError(f"decoder must be auto, pil, dali-cpu or dali-gpu, got {kind!r}")
+
+
+class ShardLoader:
+    def __init__(self, url: str, global_batch: int, rank: int, world_size: int, image_size: int,
+                 grad_accum: int = 1, seed: int = 0, split: str = "train", decoder: str = "pil",
+                 threads: int = 2, prefetch: int = 2, last_batch: str = "drop", pin_memory: bool = False):
+        if global_batch % (world_size * grad_accum):
+            raise ValueError(f"global batch {global_batch} does not divide into {grad_accum} micro-batch(es) "
+                             f"over {world_size} rank(s); pick a global batch that is a multiple of "
+                             f"{world_size * grad_accum}")
+        if last_batch not in ("drop", "pad"):
+            raise ValueError(f"last_batch must be 'drop' or 'pad', got {last_batch!r}")
+        store = Store(url)
+        if not store.exists(MANIFEST):
+            store = store.child(split)
+        manifest_bytes = store.read_bytes(MANIFEST)
+        self.manifest = json.loads(manifest_bytes)
+        self.manifest_hash = hashlib.sha256(manifest_bytes).hexdigest()[:16]
+        self.store = store
+        self.samples = [ref for shard in self.manifest["shards"]
+                        for ref in read_index(store.read_bytes(shard["index"]).decode(), shard["url"])]
+        if len(self.samples) < global_batch:
+            raise ValueError(f"{store.url}: {len(self.samples)} samples, fewer than one global batch ({global_batch})")
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.grad_accum, self.image_size, self.seed, self.last_batch = grad_accum, image_size, seed, last_batch
+        self.pin_memory, self.prefetch = pin_memory and torch.cuda.is_available(), prefetch
+        self.decoder = make_decoder(decoder, image_size, 2 * global_batch // (world_size * grad_accum), threads)
+        self.epoch, self.consumed = 0, 0  # as of the last step handed out
+        self._cursor = (0, 0)  # as of the last step produced
+        self._order: tuple[int, torch.Tensor] | None = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, b = len(self.samples), self.global_batch
+        return n // b if self.last_batch == "drop" else -(-n // b)
+
+    @property
+    def skipped_views(self) -> int:
+        return self.decoder.failures
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed,
+                "manifest_hash": self.manifest_hash}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["manifest_hash"] != self.manifest_hash or state["seed"] != self.seed:
+            raise ValueError("the checkpoint's data state belongs to another manifest or seed; "
+                             "resume with the same shards and seed")
+        self.close()
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        self._cursor = (self.epoch, self.consumed)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.samples), generator=generator))
+        return self._order[1]
+
+    def _advance(self) -> tuple[int, int, list[list[int]]]:
+        """Move the production cursor one step; returns (epoch, start, this rank's positions per micro-batch)."""
+        epoch, consumed = self._cursor
+        if consumed >= self.steps_per_epoch * self.global_batch:
+            epoch, consumed = epoch + 1, 0
+        micro = self.global_batch // self.grad_accum
+        per_rank = micro // self.world_size
+        positions = [list(range(consumed + m * micro + self.rank * per_rank,
+                                consumed + m * micro + (self.rank + 1) * per_rank)) for m in range(self.grad_accum)]
+        self._cursor = (epoch, consumed + self.global_batch)
+        return epoch, consumed + self.global_batch, positions
+
+    def _produce(self) -> tuple[list[dict], tuple[int, int]]:
+        epoch, consumed_after, positions = self._advance()
+        order = self.order(epoch)
+        return [self._batch(order, epoch, p) for p in positions], (epoch, consumed_after)
+
+    def _worker(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._produce()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except Exception as e:  # hand the error to the trainer's thread
+            self._queue.put(e)
+
+    def next_step(self) -> list[dict]:
+        """This rank's micro-batches for the next optimizer step."""
+        if self.prefetch <= 0:
+            batches, (self.epoch, self.consumed) = self._produce()
+            return batches
+        if self._thread is None:
+            self._stop.clear()
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(target=self._worker, name="xgem-loader", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        batches, (self.epoch, self.consumed) = item
+        return batches
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread, self._queue = None, None
+        self._cursor = (self.epoch, self.consumed)
+
+    def read_member(self, ref: SampleRef, ext: str) -> bytes | None:
+        if ext not in ref.members:
+            return None
+        offset, size = ref.members[ext]
+        return self.store.fs.cat_file(f"{self.store.path}/{ref.shard}", start=offset, end=offset + size)
+
+    def _batch(self, order: torch.Tensor, epoch: int, positions: list[int]) -> dict:
+        valid = [p < len(self.samples) for p in positions]
+        refs = [self.samples[int(order[p])] if ok else None for p, ok in zip(positions, valid)]
+        batch: dict = {"key": [r.key if r else "" for r in refs], "position": positions,
+                       "seed": [sample_seed(self.seed, epoch, p) for p in positions],
+                       "valid": torch.tensor(valid),
+                       "report": [(self.read_member(r, "report.txt") or b"").decode("utf-8") if r else ""
+                                  for r in refs]}
+        views = [self.read_member(r, f"{v}.jpg") if r else None for v in VIEWS for r in refs]
+        images, present = self.decoder(views)
+        n = len(refs)
+        for i, view in enumerate(VIEWS):
+            batch[view] = images[i * n : (i + 1) * n]
+            batch[f"{view}_present"] = present[i * n : (i + 1) * n]
+            if self.pin_memory and batch[view].device.type == "cpu":
+                batch[view] = batch[view].pin_memory()
+        return batch
