@@ -58,6 +58,18 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
 
 
+def tokenize_reports(tokenizers, reports: list[str]) -> dict[str, torch.Tensor]:
+    """Token ids for CLIP (padded to its 77 positions), the Optimus encoder (BERT) and decoder (GPT-2)."""
+    clip = tokenizers.clip(reports, padding="max_length", max_length=tokenizers.clip_max_length, truncation=True,
+                           return_tensors="pt")
+    bert = tokenizers.bert(reports, padding=True, truncation=True, max_length=tokenizers.bert_max_length,
+                           return_tensors="pt")
+    gpt2 = tokenizers.gpt2(reports, padding=True, truncation=True, max_length=tokenizers.gpt2_max_length,
+                           return_tensors="pt")
+    return {"clip_ids": clip["input_ids"], "bert_ids": bert["input_ids"], "bert_mask": bert["attention_mask"],
+            "gpt2_ids": gpt2["input_ids"]}
+
+
 def make_decoder(kind: str, size: int, max_batch: int, threads: int):
     if kind == "auto":
         kind = "dali-gpu" if torch.cuda.is_available() else "pil"
@@ -72,7 +84,8 @@ def make_decoder(kind: str, size: int, max_batch: int, threads: int):
 class ShardLoader:
     def __init__(self, url: str, global_batch: int, rank: int, world_size: int, image_size: int,
                  grad_accum: int = 1, seed: int = 0, split: str = "train", decoder: str = "pil",
-                 threads: int = 2, prefetch: int = 2, last_batch: str = "drop", pin_memory: bool = False):
+                 threads: int = 2, prefetch: int = 2, last_batch: str = "drop", pin_memory: bool = False,
+                 tokenizers=None):
         if global_batch % (world_size * grad_accum):
             raise ValueError(f"global batch {global_batch} does not divide into {grad_accum} micro-batch(es) "
                              f"over {world_size} rank(s); pick a global batch that is a multiple of "
@@ -94,6 +107,7 @@ class ShardLoader:
         self.grad_accum, self.image_size, self.seed, self.last_batch = grad_accum, image_size, seed, last_batch
         self.pin_memory, self.prefetch = pin_memory and torch.cuda.is_available(), prefetch
         self.decoder = make_decoder(decoder, image_size, 2 * global_batch // (world_size * grad_accum), threads)
+        self.tokenizers = tokenizers
         self.epoch, self.consumed = 0, 0  # as of the last step handed out
         self._cursor = (0, 0)  # as of the last step produced
         self._order: tuple[int, torch.Tensor] | None = None
@@ -195,6 +209,8 @@ class ShardLoader:
                        "valid": torch.tensor(valid),
                        "report": [(self.read_member(r, "report.txt") or b"").decode("utf-8") if r else ""
                                   for r in refs]}
+        if self.tokenizers is not None:
+            batch.update(tokenize_reports(self.tokenizers, batch["report"]))
         views = [self.read_member(r, f"{v}.jpg") if r else None for v in VIEWS for r in refs]
         images, present = self.decoder(views)
         n = len(refs)

@@ -73,7 +73,7 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
     reader = ShardLoader(cfg.shards, cfg.global_batch, rank, world, cfg.image_size, cfg.grad_accum, cfg.seed,
                          cfg.split, decoder=cfg.decoder, threads=cfg.loader_threads, prefetch=cfg.prefetch,
                          last_batch=cfg.last_batch, pin_memory=cfg.pin_memory)
-    tokenizers = _tokenizers(cfg, reader)
+    reader.tokenizers = tokenizers = _tokenizers(cfg, reader)
     checkpoints = CheckpointManager(run_dir / "checkpoints", rank, world, cfg.keep_checkpoints, use_ray)
     our_hash = config_hash(cfg, exclude=RESUMABLE_CHANGES)
     start, resumed_from = 0, None

@@ -15,6 +15,7 @@ from ..model.diffusion import (PerSampleRandom, PromptPolicy, image_latents, joi
 from ..model.encoders import clip_image_token, clip_text_token
 from ..model.objectives import clip_contrastive_loss, clip_pixels, cyclic_beta, optimus_loss
 from ..model.tokenizers import Tokenizers
+from ..data.loader import tokenize_reports
 from ..model.xgem import XGeM
 
 JOINT_STREAMS = {"joint-text": ("text", "lateral", "frontal"), "joint-frontal": ("frontal", "lateral", "text"),
@@ -30,6 +31,8 @@ class TrainingTask(nn.Module):
         self.scheduler = training_scheduler()
         self.step = 0  # set by the loop: the Optimus KL weight follows it
         self.unets = {"frontal": model.unet_frontal, "lateral": model.unet_lateral, "text": model.unet_text}
+        # tokenized once here: the loader's thread uses the same (not thread-safe) fast tokenizers later
+        self._empty_report_ids = tokenize_reports(tokenizers, [""])["clip_ids"]
 
     @property
     def _device(self) -> torch.device:
@@ -39,34 +42,28 @@ class TrainingTask(nn.Module):
     def _dtype(self) -> torch.dtype:
         return next(self.model.unet_frontal.parameters()).dtype
 
-    def _clip_text(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizers.clip(texts, padding="max_length", max_length=self.tokenizers.clip_max_length,
-                                   truncation=True, return_tensors="pt")["input_ids"]
-        return clip_text_token(self.model.clip, ids.to(self._device))
 
     def _clip_image(self, images: torch.Tensor) -> torch.Tensor:
         size = self.model.clip.config.vision_config.image_size
         return clip_image_token(self.model.clip, clip_pixels(images, size).to(self._dtype))
 
-    def _bert(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizers.bert(texts, padding=True, truncation=True, max_length=self.tokenizers.bert_max_length,
-                                   return_tensors="pt")
-        return enc["input_ids"].to(self._device), enc["attention_mask"].to(self._device)
-
     def _x0(self, modality: str, batch: dict) -> torch.Tensor:
         if modality == "text":
-            return text_latents(self.model.optimus, *self._bert(batch["report"]))
+            return text_latents(self.model.optimus, batch["bert_ids"], batch["bert_mask"])
         return image_latents(self.model.vae, (batch[modality] * 2 - 1).to(self._dtype))
 
     def _empty(self) -> dict[str, torch.Tensor]:
         side = self.model.clip.config.vision_config.image_size
         with torch.no_grad():
-            text = self._clip_text([""])[0, 0]
+            text = clip_text_token(self.model.clip, self._empty_report_ids.to(self._device))[0, 0]
             image = self._clip_image(torch.zeros(1, 1, side, side, device=self._device))[0, 0]
         return {"text": text, "image": image, "both": (text + image) / 2}
 
     def forward(self, batch: dict) -> torch.Tensor:
-        batch = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        """batch: the loader's (images, presence, reports and, if the loader did not tokenize, none of the ids)."""
+        if "clip_ids" not in batch:
+            batch = {**batch, **tokenize_reports(self.tokenizers, batch["report"])}
+        batch = {k: v.to(self._device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         rng = PerSampleRandom(batch["seed"], self._device)
         valid = batch.get("valid", torch.ones(len(batch["seed"]), dtype=torch.bool, device=self._device))
         for view in ("frontal", "lateral"):
@@ -77,7 +74,7 @@ class TrainingTask(nn.Module):
         if self.stage in ("frontal", "lateral"):
             other = "lateral" if self.stage == "frontal" else "frontal"
             with torch.no_grad():
-                text, image = self._clip_text(batch["report"]), self._clip_image(batch[other])
+                text, image = clip_text_token(self.model.clip, batch["clip_ids"]), self._clip_image(batch[other])
             empty = self._empty()
             context, _, _ = multi_prompt_context(text, image, batch[f"{other}_present"],
                                                  torch.stack([empty["text"], empty["image"], empty["both"]]),
@@ -95,21 +92,17 @@ class TrainingTask(nn.Module):
         if self.stage == "clip":
             use_frontal = batch["frontal_present"].view(-1, 1, 1, 1)
             images = torch.where(use_frontal, batch["frontal"], batch["lateral"])
-            ids = self.tokenizers.clip(batch["report"], padding="max_length", truncation=True,
-                                       max_length=self.tokenizers.clip_max_length, return_tensors="pt")["input_ids"]
             pixels = clip_pixels(images, self.model.clip.config.vision_config.image_size).to(self._dtype)
-            return clip_contrastive_loss(self.model.clip, ids.to(self._device), pixels)
+            return clip_contrastive_loss(self.model.clip, batch["clip_ids"], pixels)
         if self.stage == "optimus":
-            bert_ids, bert_mask = self._bert(batch["report"])
-            gpt = self.tokenizers.gpt2(batch["report"], padding=True, truncation=True,
-                                       max_length=self.tokenizers.gpt2_max_length, return_tensors="pt")["input_ids"]
             beta = cyclic_beta(self.step, self.total_steps)
-            return optimus_loss(self.model.optimus, bert_ids, gpt.to(self._device), beta, rng, bert_mask)["loss"]
+            return optimus_loss(self.model.optimus, batch["bert_ids"], batch["gpt2_ids"], beta, rng,
+                                batch["bert_mask"])["loss"]
         if self.stage in JOINT_STREAMS:
             trained, partner, condition = JOINT_STREAMS[self.stage]
             with torch.no_grad():
                 if condition == "text":
-                    context, blank = self._clip_text(batch["report"]), self._empty()["text"]
+                    context, blank = clip_text_token(self.model.clip, batch["clip_ids"]), self._empty()["text"]
                 else:
                     context, blank = self._clip_image(batch[condition]), self._empty()["image"]
             dropped = (rng.rand() < self.policy.cfg_dropout).view(-1, 1, 1)
