@@ -84,12 +84,25 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_configs(args: argparse.Namespace, **launch_defaults) -> tuple[TrainConfig, LaunchConfig]:
     train = build_config(TrainConfig, preset_path(args.config) if args.config else None,
                          {**_overrides(args.set), "shards": args.shards, "run_dir": args.run_dir,
                           "steps": args.steps})
     launch_fields = {f.name for f in dataclasses.fields(LaunchConfig)}
-    launch = build_config(LaunchConfig, None, {k: v for k, v in vars(args).items() if k in launch_fields})
+    given = {k: v for k, v in vars(args).items() if k in launch_fields and v is not None}
+    return train, build_config(LaunchConfig, None, {**launch_defaults, **given})
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .profile.command import profile
+
+    train, launch = _train_configs(args, launcher="local")
+    profile(train, launch, args.out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    train, launch = _train_configs(args)
     if launch.launcher == "local":
         from .train.loop import run
 
@@ -109,6 +122,24 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
     return quickstart(args.workdir, steps=args.steps)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a TrainConfig preset (name in xgem_dist/presets or a YAML path)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    p.add_argument("--shards")
+    p.add_argument("--run-dir", dest="run_dir")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--launcher", help="ray (default) | local")
+    p.add_argument("--num-workers", dest="num_workers", type=int)
+    p.add_argument("--min-workers", dest="min_workers", type=int, help="elastic: shrink down to this many")
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_const", const=True)
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--storage-path", dest="storage_path", help="Ray checkpoint storage: path, s3://, gs://")
+    p.add_argument("--name", help="Ray run name (reusing it resumes that run)")
+    p.add_argument("--max-failures", dest="max_failures", type=int)
+    p.add_argument("--timeout-s", dest="timeout_s", type=int)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,24 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="xgem", choices=["xgem"])
     p.set_defaults(func=cmd_convert_released)
 
-    p = sub.add_parser("train", help="train a stage of XGeM on shards (Ray Train by default; --launcher local "
-                                     "for torchrun or one process)")
-    p.add_argument("--config", help="a TrainConfig preset (name in xgem_dist/presets or a YAML path)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
-    p.add_argument("--shards")
-    p.add_argument("--run-dir", dest="run_dir")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--launcher", help="ray (default) | local")
-    p.add_argument("--num-workers", dest="num_workers", type=int)
-    p.add_argument("--min-workers", dest="min_workers", type=int, help="elastic: shrink down to this many")
-    p.add_argument("--use-gpu", dest="use_gpu", action="store_const", const=True)
-    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
-    p.add_argument("--storage-path", dest="storage_path", help="Ray checkpoint storage: path, s3://, gs://")
-    p.add_argument("--name", help="Ray run name (reusing it resumes that run)")
-    p.add_argument("--max-failures", dest="max_failures", type=int)
-    p.add_argument("--timeout-s", dest="timeout_s", type=int)
-    p.set_defaults(func=cmd_train)
+    for name in ("train", "profile"):
+        p = sub.add_parser(name, help="train a stage of XGeM on shards (Ray Train by default; --launcher local for "
+                                      "torchrun or one process)" if name == "train" else
+                           "a short training job (local launcher by default) with a step-time breakdown, "
+                           "TFLOP/s, MFU, telemetry, a table and an HTML report")
+        _add_train_args(p)
+        if name == "profile":
+            p.add_argument("--out", default="profile_out", help="where profile.json/.html and the run go")
+        p.set_defaults(func=cmd_train if name == "train" else cmd_profile)
 
     p = sub.add_parser("quickstart", help="the end-to-end demo on generated data")
     p.add_argument("--workdir", default="quickstart_out")

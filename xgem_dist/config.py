@@ -114,6 +114,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto (latest in run_dir or Ray's) | none | a checkpoint folder
     log_every: int = 1
+    profile_flops: bool = True  # count the step's FLOPs once (meta device) for TFLOP/s and MFU
+    peak_tflops: float = 0.0  # override the device's peak (0: from the built-in table)
+    trace_steps: str = ""  # "first-last" (1-based, inclusive): a torch.profiler chrome trace of those steps
+    telemetry_interval_s: float = 1.0
     # fault injection for tests: a rank exits hard at this step (once per run_dir), or while saving it
     fail_at_step: int = -1
     fail_in_save_at_step: int = -1

@@ -17,6 +17,9 @@ from tqdm import tqdm
 from ..config import TrainConfig, config_hash
 from ..data.loader import ShardLoader
 from ..model.tokenizers import Tokenizers, load_tokenizers, train_small_tokenizers
+from ..profile.metrics import StepProfiler, aggregate, count_flops, peak_tflops
+from ..profile.report import MetricSinks
+from ..profile.telemetry import TelemetrySampler
 from .checkpoint import CheckpointManager, fingerprint, rng_state
 from .engine import build_engine, init_distributed
 
@@ -96,32 +99,39 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
             if cfg.fingerprints:
                 _dump(engine, run_dir / f"fingerprint-load-step{start}-w{world}.pt", rank)
 
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    sinks = MetricSinks(run_dir) if rank == 0 else None
+    telemetry = TelemetrySampler(cfg.telemetry_interval_s).start() if rank == 0 else None
+    profiler = StepProfiler(peak=peak_tflops(telemetry.device_name if telemetry else None, cfg.peak_tflops))
+    trace = _TraceWindow(cfg.trace_steps, run_dir / f"trace-rank{rank}.json")
     termination = _Termination()
     losses, samples, t0 = [], 0, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", disable=rank != 0, unit="step")
     step = start
     for step in range(start, cfg.steps):
+        trace.before(step + 1)
+        profiler.begin_step()
         engine.module.step = step
         step_loss = torch.zeros(())
-        for micro in reader.next_step():
-            loss = engine(micro)
-            engine.backward(loss)
-            engine.step()
+        with profiler.phase("data"):
+            micros = reader.next_step()
+        if cfg.profile_flops and profiler.flops_per_step is None:
+            with profiler.excluded():
+                profiler.flops_per_step = cfg.grad_accum * _micro_flops(cfg, tokenizers, micros[0])
+        images = 0
+        for micro in micros:
+            images += int(micro["frontal_present"].sum() + micro["lateral_present"].sum())
+            with profiler.phase("forward"):
+                loss = engine(micro)
+            with profiler.phase("backward"):
+                engine.backward(loss)
+            with profiler.phase("optimizer"):
+                engine.step()
             step_loss += loss.detach().float().cpu() / cfg.grad_accum
         torch.distributed.all_reduce(step_loss)
         step_loss /= world
         losses.append(step_loss.item())
         samples += cfg.global_batch
         bar.update()
-        if writer is not None and (step + 1) % cfg.log_every == 0:
-            writer.add_scalar("train/loss", step_loss.item(), step + 1)
-            writer.add_scalar("train/lr", engine.get_lr()[0], step + 1)
-            writer.add_scalar("train/samples_per_s", samples / (time.perf_counter() - t0), step + 1)
         if step + 1 == cfg.fail_at_step and rank == world - 1 and _once(cfg.run_dir, "failed_at_step"):
             os._exit(1)
         stop = termination.agreed()
@@ -132,14 +142,29 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
             if cfg.fingerprints:
                 _dump(engine, run_dir / f"fingerprint-save-step{step + 1}-w{world}.pt", rank)
             fail = step + 1 == cfg.fail_in_save_at_step and rank == world - 1 and _once(cfg.run_dir, "failed_in_save")
-            checkpoints.save(engine, state, f"checkpoint-{step + 1:07d}", {"loss": step_loss.item(), "step": step + 1},
-                             fail_in_save=fail)
+            with profiler.phase("checkpoint"):
+                checkpoints.save(engine, state, f"checkpoint-{step + 1:07d}",
+                                 {"loss": step_loss.item(), "step": step + 1}, fail_in_save=fail)
+        record = profiler.end_step(step + 1, cfg.global_batch // world, images)
+        trace.after(step + 1)
+        if (step + 1) % cfg.log_every == 0:
+            figures = {f"profile/{k}": v for k, v in record.as_dict().items() if k != "step"}
+            spread = aggregate(figures, world)
+            if sinks is not None:
+                row = {"train/loss": step_loss.item(), "train/lr": engine.get_lr()[0]}
+                for name, stats in spread.items():
+                    row |= {name: stats["median"], f"{name}/min": stats["min"], f"{name}/max": stats["max"]}
+                sinks.write(step + 1, row)
         if stop:
             log.warning("SIGTERM: saved at step %d and stopping", step + 1)
             break
     bar.close()
-    if writer is not None:
-        writer.close()
+    reader.close()
+    if sinks is not None:
+        sinks.close()
+        samples_taken = telemetry.stop()
+        with open(run_dir / "telemetry.jsonl", "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in samples_taken)
     seconds = time.perf_counter() - t0
     summary = {"stage": cfg.stage, "model": cfg.model, "world_size": world, "start_step": start,
                "end_step": step + 1 if cfg.steps > start else start, "resumed_from": resumed_from,
@@ -151,6 +176,43 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
         with open(run_dir / "summary.jsonl", "a") as f:
             f.write(json.dumps(summary) + "\n")
     return summary
+
+
+def _micro_flops(cfg: TrainConfig, tokenizers: Tokenizers, micro: dict) -> int:
+    """FLOPs of one micro-batch's forward and backward, counted on a meta-device copy of the model."""
+    from ..model.stages import apply_stage
+    from ..model.xgem import build_xgem
+    from .task import TrainingTask
+
+    model = build_xgem(cfg.model, device="meta")
+    apply_stage(model, cfg.stage)
+    task = TrainingTask(model, cfg.stage, tokenizers, cfg.steps, cfg.wiring, cfg.cfg_dropout)
+    task.step = cfg.steps  # the Optimus KL term on
+    meta_batch = {k: v.to("meta") if torch.is_tensor(v) and v.is_floating_point() else v for k, v in micro.items()}
+    return count_flops(lambda: task(meta_batch).backward())
+
+
+class _TraceWindow:
+    """A torch.profiler chrome trace of the steps 'first-last' (1-based, inclusive)."""
+
+    def __init__(self, spec: str, path: Path):
+        self.first, self.last = (int(x) for x in spec.split("-")) if spec else (0, -1)
+        self.path, self.profile = path, None
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profile = torch.profiler.profile(activities=activities, record_shapes=True)
+            self.profile.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.profile is not None and step == self.last:
+            self.profile.__exit__(None, None, None)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.profile.export_chrome_trace(str(self.path))
+            self.profile = None
 
 
 def _dump(engine, path: Path, rank: int) -> None:
