@@ -3,6 +3,11 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on the CPU; this must be set before any @triton.jit is applied
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from xgem_dist.config import ShardConfig
 from xgem_dist.data.demo import make_demo

@@ -106,6 +106,7 @@ class TrainConfig:
     deepspeed_config: str = "zero3"  # a name in ds_configs/ or a path to a JSON config
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
+    attention: str = "auto"  # sdpa | triton | auto (exact single-key path; Triton kernel on CUDA where it applies)
     wiring: str = "paper"  # joint stages: connectors attend to the other stream (paper) or their own (released)
     cfg_dropout: float = 0.1
     seed: int = 0

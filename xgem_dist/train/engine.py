@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..model.attention import set_attention_backend
 from ..model.stages import apply_stage
 from ..model.tokenizers import Tokenizers
 from ..model.xgem import build_xgem
@@ -126,6 +127,7 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
     hf_zero3 = HfDeepSpeedConfig(copy.deepcopy(ds)) if zero3 else None  # noqa: F841
     init = (lambda: deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(ds))) if zero3 else None
     model = build_xgem(cfg.model, init_context=init)
+    set_attention_backend(model, cfg.attention)
     if cfg.activation_checkpointing:
         for unet in (model.unet_frontal, model.unet_lateral, model.unet_text):
             unet.gradient_checkpointing = True

@@ -180,11 +180,13 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
 
 def _micro_flops(cfg: TrainConfig, tokenizers: Tokenizers, micro: dict) -> int:
     """FLOPs of one micro-batch's forward and backward, counted on a meta-device copy of the model."""
+    from ..model.attention import set_attention_backend
     from ..model.stages import apply_stage
     from ..model.xgem import build_xgem
     from .task import TrainingTask
 
     model = build_xgem(cfg.model, device="meta")
+    set_attention_backend(model, cfg.attention)  # skipped work is not counted
     apply_stage(model, cfg.stage)
     task = TrainingTask(model, cfg.stage, tokenizers, cfg.steps, cfg.wiring, cfg.cfg_dropout)
     task.step = cfg.steps  # the Optimus KL term on
