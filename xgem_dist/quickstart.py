@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def quickstart(workdir: str | Path, steps: int = 8) -> int:
 
     gpu = torch.cuda.is_available()
     run_dir = workdir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo always trains from scratch
     train = TrainConfig(model="tiny", stage="frontal", shards=str(shards), run_dir=str(run_dir), steps=steps,
                         global_batch=4, checkpoint_every=2, fail_at_step=steps // 2 + 1, lr=3e-4)
     launch = LaunchConfig(num_workers=2, use_gpu=gpu, name="quickstart", max_failures=2, cpus_per_worker=1)
