@@ -20,70 +20,67 @@ POISON = False  # tests: fill outputs with NaN before the kernels run, so unwrit
 
 
 @triton.jit
+def _tile(bh, index, dims, n, head_dim):
+    """Offsets and mask of rows `index` (< n) of batch-head bh's [n, head_dim] matrix."""
+    offsets = bh * n * head_dim + index[:, None] * head_dim + dims[None, :]
+    return offsets, (index < n)[:, None] & (dims < head_dim)[None, :]
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, row_ok, col_ok, scale):
+    """One tile's recomputed probabilities P and dS = P * (dO V^T - delta)."""
+    probs = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+    probs = tl.where(row_ok[:, None] & col_ok[None, :], probs, 0.0)
+    return probs, probs * (tl.dot(do, tl.trans(v)) - delta[:, None])
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, O, LSE, scale, n_q, n_k, head_dim,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    block_m = tl.program_id(0)
     bh = tl.program_id(1)
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_q
-    dim_ok = dims < head_dim
-    q = tl.load(Q + bh * n_q * head_dim + rows[:, None] * head_dim + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q_offsets, q_mask = _tile(bh, rows, dims, n_q, head_dim)
+    q = tl.load(Q + q_offsets, mask=q_mask, other=0.0)
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, n_k, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_k
-        kv_offsets = bh * n_k * head_dim + cols[:, None] * head_dim + dims[None, :]
-        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        kv_offsets, kv_mask = _tile(bh, cols, dims, n_k, head_dim)
         k = tl.load(K + kv_offsets, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_offsets, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(col_ok[None, :], scores, float("-inf"))
+        scores = tl.where((cols < n_k)[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         probs = tl.exp(scores - new_max[:, None])
         correction = tl.exp(running_max - new_max)
         running_sum = running_sum * correction + tl.sum(probs, 1)
         acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v)
         running_max = new_max
-    acc = acc / running_sum[:, None]
-    tl.store(O + bh * n_q * head_dim + rows[:, None] * head_dim + dims[None, :], acc.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(LSE + bh * n_q + rows, running_max + tl.log(running_sum), mask=row_ok)
+    tl.store(O + q_offsets, (acc / running_sum[:, None]).to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + bh * n_q + rows, running_max + tl.log(running_sum), mask=rows < n_q)
 
 
 @triton.jit
 def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, n_q, n_k, head_dim,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    block_n = tl.program_id(0)
     bh = tl.program_id(1)
-    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    col_ok = cols < n_k
-    dim_ok = dims < head_dim
-    kv_offsets = bh * n_k * head_dim + cols[:, None] * head_dim + dims[None, :]
-    kv_mask = col_ok[:, None] & dim_ok[None, :]
+    kv_offsets, kv_mask = _tile(bh, cols, dims, n_k, head_dim)
     k = tl.load(K + kv_offsets, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_offsets, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, n_q, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_q
-        q_offsets = bh * n_q * head_dim + rows[:, None] * head_dim + dims[None, :]
-        q_mask = row_ok[:, None] & dim_ok[None, :]
+        q_offsets, q_mask = _tile(bh, rows, dims, n_q, head_dim)
         q = tl.load(Q + q_offsets, mask=q_mask, other=0.0)
         do = tl.load(DO + q_offsets, mask=q_mask, other=0.0)
-        lse = tl.load(LSE + bh * n_q + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * n_q + rows, mask=row_ok, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        probs = tl.exp(scores - lse[:, None])
-        probs = tl.where(row_ok[:, None] & col_ok[None, :], probs, 0.0)
+        lse = tl.load(LSE + bh * n_q + rows, mask=rows < n_q, other=0.0)
+        delta = tl.load(DELTA + bh * n_q + rows, mask=rows < n_q, other=0.0)
+        probs, dscores = _probs_and_dscores(q, k, v, do, lse, delta, rows < n_q, cols < n_k, scale)
         dv += tl.dot(tl.trans(probs.to(do.dtype)), do)
-        dprobs = tl.dot(do, tl.trans(v))
-        dscores = probs * (dprobs - delta[:, None])
         dk += tl.dot(tl.trans(dscores.to(q.dtype)), q)
     tl.store(DK + kv_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -92,31 +89,21 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, n_q, n_k, head
 @triton.jit
 def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, n_q, n_k, head_dim,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    block_m = tl.program_id(0)
     bh = tl.program_id(1)
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_q
-    dim_ok = dims < head_dim
-    q_offsets = bh * n_q * head_dim + rows[:, None] * head_dim + dims[None, :]
-    q_mask = row_ok[:, None] & dim_ok[None, :]
+    q_offsets, q_mask = _tile(bh, rows, dims, n_q, head_dim)
     q = tl.load(Q + q_offsets, mask=q_mask, other=0.0)
     do = tl.load(DO + q_offsets, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh * n_q + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * n_q + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + bh * n_q + rows, mask=rows < n_q, other=0.0)
+    delta = tl.load(DELTA + bh * n_q + rows, mask=rows < n_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, n_k, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_k
-        kv_offsets = bh * n_k * head_dim + cols[:, None] * head_dim + dims[None, :]
-        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        kv_offsets, kv_mask = _tile(bh, cols, dims, n_k, head_dim)
         k = tl.load(K + kv_offsets, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_offsets, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        probs = tl.exp(scores - lse[:, None])
-        probs = tl.where(row_ok[:, None] & col_ok[None, :], probs, 0.0)
-        dprobs = tl.dot(do, tl.trans(v))
-        dscores = probs * (dprobs - delta[:, None])
+        _, dscores = _probs_and_dscores(q, k, v, do, lse, delta, rows < n_q, cols < n_k, scale)
         dq += tl.dot(dscores.to(k.dtype), k)
     tl.store(DQ + q_offsets, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
