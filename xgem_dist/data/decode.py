@@ -14,16 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .sample import encode_jpeg
+
 log = logging.getLogger(__name__)
 
 
-def _blank_jpeg() -> bytes:
-    out = io.BytesIO()
-    Image.new("L", (8, 8)).save(out, format="JPEG")
-    return out.getvalue()
-
-
-BLANK_JPEG = _blank_jpeg()
+BLANK_JPEG = encode_jpeg(Image.new("L", (8, 8)), quality=75)
 
 
 class PILDecoder:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .mimic import CHEXPERT_LABELS, METADATA_COLUMNS, SPLIT_COLUMNS, study_dir
+from .sample import encode_jpeg
 
 NUM_STUDIES = 64
 # study index -> defect; every other study has a PA (or AP) frontal and most have a lateral.
@@ -81,12 +82,6 @@ def radiograph(rng: np.random.Generator, width: int, height: int, lateral: bool)
     return Image.fromarray(np.clip(big, 0, 255).astype(np.uint8), mode="L")
 
 
-def _jpeg(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
 def report_text(rng: np.random.Generator, defect: str | None) -> str:
     findings = " ".join(rng.choice(FINDINGS, size=3, replace=False))
     impression = str(rng.choice(IMPRESSIONS))
@@ -137,7 +132,7 @@ def make_demo(out: str | Path, num_studies: int = NUM_STUDIES, seed: int = 0) ->
         for j, view in enumerate(views):
             dicom_id = _uid(rng)
             width, height = (int(v) for v in rng.integers(1000, 1700, size=2))
-            data = _jpeg(radiograph(rng, width, height, lateral=view in ("LATERAL", "LL")))
+            data = encode_jpeg(radiograph(rng, width, height, lateral=view in ("LATERAL", "LL")), quality=95)
             if defect == "corrupt_only_view":
                 data = data[: len(data) // 2]  # truncated mid-scan
             elif defect == "corrupt_pa_with_ap" and j == 0:

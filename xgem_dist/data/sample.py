@@ -108,7 +108,6 @@ def build_sample(plan: StudyPlan, options: SampleOptions) -> SampleResult:
 
     if not result.members:
         result.skipped = "no usable view: " + ("; ".join(result.degraded) or "no frontal or lateral image")
-        result.members = {}
         return result
 
     try:
