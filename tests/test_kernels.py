@@ -8,7 +8,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 import kernels.attention as flash  # noqa: E402
-from xgem_dist.model.attention import XGeMAttnProcessor, set_attention_backend  # noqa: E402
+from xgem_dist.model.attention import (MeasuredChoice, XGeMAttnProcessor, forward_backward_seconds,  # noqa: E402
+                                       set_attention_backend)
 from xgem_dist.model.xgem import build_xgem  # noqa: E402
 from xgem_dist.profile.metrics import count_flops  # noqa: E402
 
@@ -58,9 +59,67 @@ def test_kernel_masks_any_lengths_and_cross_attention(n_q, n_k):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on the GPU (the interpreter's bf16 dot is wrong)")
-@pytest.mark.parametrize("head_dim", [40, 80, 160])
+@pytest.mark.parametrize("head_dim", [40, 64, 80, 128, 160])
 def test_kernel_bf16_on_gpu(head_dim):
+    probe = torch.empty(1, 1, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+    if not flash.supports(probe, probe):
+        pytest.skip(f"no kernel config for head dim {head_dim} on this GPU")
     check("cuda", torch.bfloat16, head_dim, n_q=300, n_k=257)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_on_gpu_matches_sdpa():
+    from xgem_dist.model.attention import gpu_candidates
+
+    auto = gpu_candidates()
+    q, k, v = (torch.randn(4, 8, n, 40, device="cuda", dtype=torch.bfloat16) for n in (256, 256, 256))
+    out = auto(q, k, v)
+    ((name, seconds),) = auto.choices.values()
+    assert name in seconds and "sdpa" in seconds and seconds[name] == min(seconds.values())
+    assert (out.float() - torch.nn.functional.scaled_dot_product_attention(q, k, v).float()).abs().max() < 3e-2
+
+
+def test_auto_keeps_the_fastest_candidate_per_shape_and_measures_once():
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def broken(q, k, v):
+        raise RuntimeError("No available kernel")
+
+    def doubled(q, k, v):
+        return 2 * sdpa(q, k, v)
+
+    seconds = {sdpa: 3e-3, doubled: 1e-3}
+    timed = []
+
+    def timer(fn, q, k, v):
+        fn(q, k, v)
+        timed.append(fn)
+        return seconds[fn]
+
+    choice = MeasuredChoice({"sdpa": sdpa, "doubled": doubled, "broken": broken, "excluded": sdpa},
+                            applies=lambda name, q, k: name != "excluded", timer=timer)
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    for _ in range(3):
+        assert torch.equal(choice(q, k, v), doubled(q, k, v))
+    assert len(timed) == 2  # each candidate that applies, once: later calls reuse the choice
+    ((shape_key, (name, measured)),) = choice.choices.items()
+    assert name == "doubled" and measured == {"sdpa": 3e-3, "doubled": 1e-3}
+    seconds[doubled] = 5e-3  # a new shape is measured anew
+    assert torch.equal(choice(q[:, :, :3], k, v), sdpa(q[:, :, :3], k, v)) and len(timed) == 4
+    with pytest.raises(RuntimeError, match="no attention implementation"):
+        MeasuredChoice({"broken": broken}, timer=lambda fn, q, k, v: fn(q, k, v))(q, k, v)
+
+
+def test_forward_backward_timer_runs_both_passes():
+    calls = []
+
+    def attend(q, k, v):
+        calls.append(q.requires_grad)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q = torch.randn(1, 2, 5, 8)
+    assert forward_backward_seconds(attend, q, q, q, repeats=3) > 0
+    assert calls == [True] * 5  # 2 warm-ups + 3 timed, with gradients (a training step's cost)
 
 
 def _cross_attention():
@@ -122,3 +181,21 @@ def test_swapping_processors_keeps_a_tiny_unets_output_and_gradients():
             assert torch.allclose(grad, results[backend][1][name], atol=1e-5), name
     with pytest.raises(ValueError):
         set_attention_backend(unet, "flash")
+
+
+@pytest.mark.slow
+def test_every_autotune_candidate_compiles_for_hopper_and_ampere_without_spills(tmp_path):
+    """The interpreter checks the arithmetic; this compiles each config to machine code (no GPU needed)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--json", str(tmp_path / "rows.json")],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    covered = {(r["arch"], r["kernel"], r["head_dim"], r["dtype"]) for r in rows}
+    assert len(covered) == 2 * 3 * (5 + 4)  # dtypes x kernels x head dims (sm_90: 5, sm_80: 4)
+    assert all(r["wgmma"] for r in rows if r["arch"] == 90) and all(r["stack"] == r["local"] == 0 for r in rows)

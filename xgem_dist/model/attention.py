@@ -5,18 +5,27 @@
   or the environment vector in the connectors): softmax over one key is exactly 1, so the output is the
   value projection broadcast over the queries. The query and key projections are skipped (their
   parameters stay, for checkpoint compatibility, and get exactly zero gradients, as with real attention).
-  Other attention runs the Triton flash-attention kernel (kernels/attention.py) on CUDA where it supports
-  the shape (`triton` insists, `auto` falls back), and torch SDPA otherwise; on the CPU always SDPA.
+  Other attention: `triton` runs the Triton flash-attention kernel (kernels/attention.py) and fails where
+  it does not apply; `auto` measures, once per shape, forward+backward of that kernel, torch SDPA's default
+  pick and each of SDPA's cuDNN/flash/efficient backends, and keeps the fastest (so it is never slower
+  than SDPA). On the CPU both use SDPA.
 """
 
 from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+log = logging.getLogger(__name__)
 BACKENDS = ("sdpa", "triton", "auto")
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _triton_attention():
@@ -27,6 +36,79 @@ def _triton_attention():
     return flash_attention, supports
 
 
+def _sdpa_with(backend: SDPBackend) -> AttentionFn:
+    def attend(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return attend
+
+
+def forward_backward_seconds(fn: AttentionFn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             repeats: int = 5) -> float:
+    """Median seconds of fn's forward + backward on fresh tensors shaped like q, k, v (after 2 warm-ups)."""
+    q, k, v = (torch.randn_like(x).requires_grad_() for x in (q, k, v))
+    grad = torch.randn_like(q)
+    times = []
+    with torch.enable_grad():
+        for i in range(repeats + 2):
+            if q.is_cuda:
+                torch.cuda.synchronize(q.device)
+            start = time.perf_counter()
+            fn(q, k, v).backward(grad)
+            if q.is_cuda:
+                torch.cuda.synchronize(q.device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+class MeasuredChoice:
+    """Calls, for each attention shape, the fastest of the candidates that run it, measured the first time
+    the shape is seen (`timer`), like cudnn.benchmark. Candidates that raise RuntimeError are left out."""
+
+    def __init__(self, candidates: dict[str, AttentionFn],
+                 applies: Callable[[str, torch.Tensor, torch.Tensor], bool] = lambda name, q, k: True,
+                 timer: Callable[..., float] = forward_backward_seconds):
+        self.candidates, self.applies, self.timer = candidates, applies, timer
+        self.choices: dict[tuple, tuple[str, dict[str, float]]] = {}  # shape -> (choice, seconds per candidate)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        key = (tuple(q.shape), tuple(k.shape), q.dtype, str(q.device))
+        if key not in self.choices:
+            self.choices[key] = self._measure(q, k, v, key)
+        return self.candidates[self.choices[key][0]](q, k, v)
+
+    def _measure(self, q, k, v, key) -> tuple[str, dict[str, float]]:
+        seconds = {}
+        for name, fn in self.candidates.items():
+            if not self.applies(name, q, k):
+                continue
+            try:
+                seconds[name] = self.timer(fn, q, k, v)
+            except RuntimeError as e:  # e.g. an SDPA backend that does not take this shape
+                log.debug("attention candidate %s skipped for %s: %s", name, key, e)
+        if not seconds:
+            raise RuntimeError(f"no attention implementation runs q {key[0]}, k {key[1]} {key[2]}")
+        choice = min(seconds, key=seconds.get)
+        log.info("attention q %s k %s %s: %s -> %s", key[0], key[1], key[2],
+                 ", ".join(f"{n} {s * 1e3:.3f} ms" for n, s in seconds.items()), choice)
+        return choice, seconds
+
+
+def gpu_candidates() -> MeasuredChoice:
+    """`auto` on CUDA: our Triton kernel (where it supports the shape) against torch SDPA's default pick and
+    its cuDNN, flash and efficient backends."""
+    kernel, supports = _triton_attention()
+    candidates: dict[str, AttentionFn] = {"sdpa": F.scaled_dot_product_attention}
+    candidates.update({f"sdpa-{name}": _sdpa_with(backend) for name, backend in
+                       (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                        ("efficient", SDPBackend.EFFICIENT_ATTENTION))})
+    if kernel is not None:
+        candidates["triton"] = kernel
+    return MeasuredChoice(candidates, applies=lambda name, q, k: name != "triton" or supports(q, k))
+
+
 class XGeMAttnProcessor:
     def __init__(self, backend: str = "auto"):
         if backend not in ("triton", "auto"):
@@ -34,14 +116,17 @@ class XGeMAttnProcessor:
         self.backend = backend
         self.reference = AttnProcessor2_0()
         self.kernel, self.supports = _triton_attention()
+        self.measured = gpu_candidates() if backend == "auto" else None
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if q.is_cuda and self.kernel is not None and self.supports(q, k):
-            return self.kernel(q, k, v)
-        if self.backend == "triton" and q.is_cuda:
+        if not q.is_cuda:
+            return F.scaled_dot_product_attention(q, k, v)
+        if self.measured is not None:
+            return self.measured(q, k, v)
+        if self.kernel is None or not self.supports(q, k):
             raise RuntimeError(f"the Triton kernel does not support q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}"
                                + (" (triton is not installed)" if self.kernel is None else ""))
-        return F.scaled_dot_product_attention(q, k, v)
+        return self.kernel(q, k, v)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
