@@ -122,14 +122,23 @@ def test_corrupt_bytes_in_a_shard_are_a_counted_skip(shards, tmp_path, caplog):
     assert len(set(batch["key"])) == 48  # nothing repeated in its place
 
 
-def test_reads_shards_through_s3(demo, s3_endpoint):
-    shard(shard_config(demo["root"], "s3://cxr/loader", samples_per_shard=16, max_side=128))
+def test_reads_shards_through_s3(demo, s3_endpoint, tmp_path):
+    for out in ("s3://cxr/loader", str(tmp_path / "local")):
+        shard(shard_config(demo["root"], out, samples_per_shard=16, max_side=128))
     loader = ShardLoader("s3://cxr/loader", 6, 1, 2, 32, prefetch=1)
-    local_keys = [s.key for s in loader.samples]
-    assert len(local_keys) == 51
-    batches = loader.next_step()
-    assert len(batches[0]["key"]) == 3 and batches[0]["frontal"].shape == (3, 1, 32, 32)
+    local = ShardLoader(str(tmp_path / "local"), 6, 1, 2, 32, prefetch=1)
+    assert len(loader.samples) == 51 and loader.samples == local.samples
+    # every member, byte for byte, including the empty report.txt of the study without a report: an empty
+    # range on S3 must not come back as the rest of the shard
+    wanted = [(ref, ext) for ref in loader.samples for ext in ref.members]
+    assert loader.read_members(wanted) == local.read_members(wanted)
+    assert b"" in loader.read_members([(ref, "report.txt") for ref in loader.samples])
+    assert [b["key"] for b in loader.next_step()] == [b["key"] for b in local.next_step()]
+    (batch,), (local_batch,) = loader.next_step(), local.next_step()
+    assert batch["report"] == local_batch["report"] and torch.equal(batch["frontal"], local_batch["frontal"])
+    assert batch["frontal"].shape == (3, 1, 32, 32)
     loader.close()
+    local.close()
 
 
 def test_dali_cpu_pipeline_matches_the_pil_path(shards):

@@ -195,25 +195,38 @@ class ShardLoader:
             self._thread, self._queue = None, None
         self._cursor = (self.epoch, self.consumed)
 
-    def read_member(self, ref: SampleRef, ext: str) -> bytes | None:
-        if ext not in ref.members:
-            return None
-        offset, size = ref.members[ext]
-        return self.store.fs.cat_file(f"{self.store.path}/{ref.shard}", start=offset, end=offset + size)
+    def read_members(self, wanted: list[tuple[SampleRef | None, str]]) -> list[bytes | None]:
+        """The bytes of each (sample, member), None where absent, read by offset in one fsspec call
+        (concurrent requests on object stores)."""
+        out: list[bytes | None] = [None] * len(wanted)
+        ranges = [(i, ref.shard, *ref.members[ext]) for i, (ref, ext) in enumerate(wanted)
+                  if ref is not None and ext in ref.members]
+        for i, _, _, size in ranges:
+            out[i] = b""  # an empty member: an object store would answer an empty range with the whole object
+        ranges = [r for r in ranges if r[3] > 0]
+        if ranges:
+            paths = [f"{self.store.path}/{shard}" for _, shard, _, _ in ranges]
+            datas = self.store.fs.cat_ranges(paths, [offset for *_, offset, _ in ranges],
+                                             [offset + size for *_, offset, size in ranges], on_error="raise")
+            for (i, shard, offset, size), data in zip(ranges, datas):
+                if len(data) != size:
+                    raise OSError(f"{self.store.url_of(shard)}: {len(data)} bytes at offset {offset}, the index says "
+                                  f"{size}; the shard is truncated or does not match its index")
+                out[i] = data
+        return out
 
     def _batch(self, order: torch.Tensor, epoch: int, positions: list[int]) -> dict:
         valid = [p < len(self.samples) for p in positions]
         refs = [self.samples[int(order[p])] if ok else None for p, ok in zip(positions, valid)]
+        members = self.read_members([(r, "report.txt") for r in refs] + [(r, f"{v}.jpg") for v in VIEWS for r in refs])
+        n = len(refs)
         batch: dict = {"key": [r.key if r else "" for r in refs], "position": positions,
                        "seed": [sample_seed(self.seed, epoch, p) for p in positions],
                        "valid": torch.tensor(valid),
-                       "report": [(self.read_member(r, "report.txt") or b"").decode("utf-8") if r else ""
-                                  for r in refs]}
+                       "report": [(data or b"").decode("utf-8") for data in members[:n]]}
         if self.tokenizers is not None:
             batch.update(tokenize_reports(self.tokenizers, batch["report"]))
-        views = [self.read_member(r, f"{v}.jpg") if r else None for v in VIEWS for r in refs]
-        images, present = self.decoder(views)
-        n = len(refs)
+        images, present = self.decoder(members[n:])
         for i, view in enumerate(VIEWS):
             batch[view] = images[i * n : (i + 1) * n]
             batch[f"{view}_present"] = present[i * n : (i + 1) * n]

@@ -35,8 +35,8 @@ def _tokenizers(cfg: TrainConfig, reader: ShardLoader) -> Tokenizers:
     if cfg.model != "tiny":
         raise ValueError(f"model {cfg.model!r} needs its real tokenizers: set tokenizers to a folder with clip/, "
                          "bert/ and gpt2/ (save_pretrained layout)")
-    reports = [reader.read_member(ref, "report.txt") or b"" for ref in reader.samples]
-    return train_small_tokenizers([r.decode() for r in reports if r.strip()] or ["empty"])
+    reports = reader.read_members([(ref, "report.txt") for ref in reader.samples])
+    return train_small_tokenizers([r.decode() for r in reports if r and r.strip()] or ["empty"])
 
 
 def _once(run_dir: str, name: str) -> bool:
