@@ -1,10 +1,12 @@
 """Loader throughput: decoded images/s end to end from shards (index reads + decode + resize), per decoder.
 
     python benchmarks/loader_throughput.py                      # demo shards, original bytes and --max-side 512
+    python benchmarks/loader_throughput.py --full-size --decoder dali-gpu --batch 64 --steps 20
     python benchmarks/loader_throughput.py --shards URL --decoder dali-gpu --image-size 256 --batch 64
 
-Without --shards it makes the demo dataset and shards it twice (original bytes, --max-side 512). On a GPU
-machine with DALI installed, --decoder dali-gpu measures nvJPEG through DALI ("mixed" decode).
+Without --shards it makes the demo dataset (--full-size: MIMIC-CXR's native 2.4-3.1k px, ~3 MB a JPEG)
+and shards it twice (original bytes, --max-side 512). On a GPU machine with DALI installed, --decoder
+dali-gpu measures nvJPEG through DALI ("mixed" decode).
 Prints a table and writes JSON.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from xgem_dist.config import ShardConfig
-from xgem_dist.data.demo import make_demo
+from xgem_dist.data.demo import DEMO_SIDES, FULL_SIZE_SIDES, make_demo
 from xgem_dist.data.loader import ShardLoader
 from xgem_dist.data.shard import shard
 
@@ -47,7 +49,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--threads", type=int, default=0, help="0: the loader's default (CPUs available, 2-16)")
+    parser.add_argument("--full-size", action="store_true", help="demo images at MIMIC-CXR's native size")
     parser.add_argument("--prefetch", type=int, default=2)
     parser.add_argument("--json", default="benchmarks/results/loader_throughput.json")
     args = parser.parse_args()
@@ -55,7 +58,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shard_sets = {u: u for u in args.shards or []}
         if not shard_sets:
-            demo = make_demo(Path(tmp) / "mimic")
+            demo = make_demo(Path(tmp) / "mimic", sides=FULL_SIZE_SIDES if args.full_size else DEMO_SIDES)
             for label, max_side in (("original", 0), ("max-side-512", 512)):
                 out = Path(tmp) / label
                 shard(ShardConfig(images=demo["root"], reports=demo["root"], out=str(out), max_side=max_side,
@@ -69,7 +72,8 @@ def main() -> None:
     print(f"{'shards':>14} {'decoder':>9} {'images':>7} {'s':>7} {'img/s':>8}")
     for r in rows:
         print(f"{r['shards']:>14} {r['decoder']:>9} {r['images']:>7} {r['seconds']:>7.2f} {r['images_per_s']:>8.1f}")
-    result = {"benchmark": "loader_throughput", "image_size": args.image_size, "batch": args.batch,
+    result = {"benchmark": "loader_throughput", "full_size": args.full_size, "image_size": args.image_size,
+              "batch": args.batch,
               "threads": args.threads, "cpus": os.cpu_count(),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "results": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

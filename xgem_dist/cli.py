@@ -39,9 +39,10 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
 
 
 def cmd_make_demo(args: argparse.Namespace) -> int:
-    from .data.demo import make_demo
+    from .data.demo import DEMO_SIDES, FULL_SIZE_SIDES, make_demo
 
-    summary = make_demo(args.out, num_studies=args.studies, seed=args.seed)
+    summary = make_demo(args.out, num_studies=args.studies, seed=args.seed,
+                        sides=FULL_SIZE_SIDES if args.full_size else DEMO_SIDES)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--studies", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--full-size", action="store_true", help="images at MIMIC-CXR's native 2.4-3.1k px (for benchmarks)")
     p.set_defaults(func=cmd_make_demo)
 
     p = sub.add_parser("shard", help="MIMIC-CXR-JPG + reports -> WebDataset shards per split")

@@ -73,7 +73,8 @@ class DALIDecoder:
         @pipeline_def(batch_size=self.max_batch, num_threads=self.threads, prefetch_queue_depth=1,
                       device_id=self.device_id if self.device == "gpu" else None)
         def pipeline():
-            jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
+            # no_copy: DALI reads the encoded (memory-mapped) bytes in place; they outlive each synchronous run
+            jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1, no_copy=True)
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.GRAY)
             return fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
 

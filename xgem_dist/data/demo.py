@@ -1,7 +1,7 @@
 """`xgem-dist make-demo`: a small, fully synthetic dataset in the exact MIMIC-CXR-JPG + reports layout.
 
-Images are procedural radiograph-like grayscale JPEGs (q95, 1-2k px); reports follow the real section
-structure; the CSVs carry the real column names. No patient data. Deliberate defects, one study each
+Images are procedural radiograph-like grayscale JPEGs (q95, 1-1.7k px, or MIMIC-CXR's full 2.4-3.1k px);
+reports follow the real section structure; the CSVs carry the real column names. No patient data. Deliberate defects, one study each
 (listed in DEFECTS and in <out>/DEMO_DEFECTS.json), exercise every bad-input path of the sharder.
 """
 
@@ -110,8 +110,14 @@ def _write_csv_gz(path: Path, columns: tuple[str, ...], rows: list[dict]) -> Non
         gz.write(text.getvalue().encode())
 
 
-def make_demo(out: str | Path, num_studies: int = NUM_STUDIES, seed: int = 0) -> dict:
-    """Writes the dataset (images, reports and CSVs under one root) and returns a summary."""
+DEMO_SIDES = (1000, 1700)
+FULL_SIZE_SIDES = (2400, 3100)  # MIMIC-CXR-JPG's native images are ~2500-3000 px a side
+
+
+def make_demo(out: str | Path, num_studies: int = NUM_STUDIES, seed: int = 0,
+              sides: tuple[int, int] = DEMO_SIDES) -> dict:
+    """Writes the dataset (images, reports and CSVs under one root) and returns a summary. Image widths and
+    heights are drawn from [sides[0], sides[1])."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     metadata, splits, chexpert = [], [], []
@@ -131,7 +137,7 @@ def make_demo(out: str | Path, num_studies: int = NUM_STUDIES, seed: int = 0) ->
         folder.mkdir(parents=True, exist_ok=True)
         for j, view in enumerate(views):
             dicom_id = _uid(rng)
-            width, height = (int(v) for v in rng.integers(1000, 1700, size=2))
+            width, height = (int(v) for v in rng.integers(*sides, size=2))
             data = encode_jpeg(radiograph(rng, width, height, lateral=view in ("LATERAL", "LL")), quality=95)
             if defect == "corrupt_only_view":
                 data = data[: len(data) // 2]  # truncated mid-scan

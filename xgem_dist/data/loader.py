@@ -8,8 +8,10 @@
   sequence.
 - The last partial global batch of an epoch: `drop` (default) or `pad`, where the missing positions
   come as invalid rows (`valid` False, zero images) — never as repeated samples.
-- Bytes: read by offset through the DALI index files (any fsspec URL, s3:// included), decoded on the
-  GPU with DALI or on the CPU (decode.py); a background thread prefetches a bounded number of steps.
+- Bytes: read by offset through the DALI index files (any fsspec URL, s3:// included): local shards by a
+  memory map (no copy before the decoder's), object stores by concurrent range requests. Decoded on the GPU with DALI or on
+  the CPU (decode.py). A background thread decodes a bounded number of steps ahead while the reads of
+  the next step run beside it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
+import os
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +75,12 @@ def tokenize_reports(tokenizers, reports: list[str]) -> dict[str, torch.Tensor]:
             "gpt2_ids": gpt2["input_ids"]}
 
 
+def default_threads() -> int:
+    """Decode/read threads per rank: the CPUs this process may use shared by the node's ranks, 2 to 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(2, min(16, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+
+
 def make_decoder(kind: str, size: int, max_batch: int, threads: int):
     if kind == "auto":
         kind = "dali-gpu" if torch.cuda.is_available() else "pil"
@@ -84,8 +95,10 @@ def make_decoder(kind: str, size: int, max_batch: int, threads: int):
 class ShardLoader:
     def __init__(self, url: str, global_batch: int, rank: int, world_size: int, image_size: int,
                  grad_accum: int = 1, seed: int = 0, split: str = "train", decoder: str = "pil",
-                 threads: int = 2, prefetch: int = 2, last_batch: str = "drop", pin_memory: bool = False,
+                 threads: int = 0, prefetch: int = 2, last_batch: str = "drop", pin_memory: bool = False,
                  tokenizers=None):
+        """threads: decode and read threads (0: default_threads()); prefetch: steps decoded ahead (0: none,
+        everything happens in next_step)."""
         if global_batch % (world_size * grad_accum):
             raise ValueError(f"global batch {global_batch} does not divide into {grad_accum} micro-batch(es) "
                              f"over {world_size} rank(s); pick a global batch that is a multiple of "
@@ -106,7 +119,9 @@ class ShardLoader:
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.grad_accum, self.image_size, self.seed, self.last_batch = grad_accum, image_size, seed, last_batch
         self.pin_memory, self.prefetch = pin_memory and torch.cuda.is_available(), prefetch
+        threads = threads if threads > 0 else default_threads()
         self.decoder = make_decoder(decoder, image_size, 2 * global_batch // (world_size * grad_accum), threads)
+        self._maps: dict[str, mmap.mmap] = {}  # local shards, mapped once
         self.tokenizers = tokenizers
         self.epoch, self.consumed = 0, 0  # as of the last step handed out
         self._cursor = (0, 0)  # as of the last step produced
@@ -154,28 +169,43 @@ class ShardLoader:
         self._cursor = (epoch, consumed + self.global_batch)
         return epoch, consumed + self.global_batch, positions
 
-    def _produce(self) -> tuple[list[dict], tuple[int, int]]:
+    def _read_step(self) -> tuple[list[dict], tuple[int, int]]:
+        """The next step's micro-batches as raw bytes, and the (epoch, consumed) it leaves the cursor at."""
         epoch, consumed_after, positions = self._advance()
         order = self.order(epoch)
-        return [self._batch(order, epoch, p) for p in positions], (epoch, consumed_after)
+        return [self._read(order, epoch, p) for p in positions], (epoch, consumed_after)
+
+    def _produce(self, raw: tuple[list[dict], tuple[int, int]]) -> tuple[list[dict], tuple[int, int]]:
+        batches, cursor = raw
+        return [self._decode(batch) for batch in batches], cursor
+
+    def _offer(self, item) -> None:
+        """Queue an item (or an error) unless the loader is being closed."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _worker(self) -> None:
+        """Decodes step n while a reader thread fetches the bytes of step n + 1; queues at most `prefetch`."""
+        reader = ThreadPoolExecutor(1, thread_name_prefix="xgem-read-ahead")
         try:
+            pending: Future = reader.submit(self._read_step)
             while not self._stop.is_set():
-                item = self._produce()
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                raw = pending.result()
+                pending = reader.submit(self._read_step)
+                self._offer(self._produce(raw))
         except Exception as e:  # hand the error to the trainer's thread
-            self._queue.put(e)
+            self._offer(e)
+        finally:
+            reader.shutdown(wait=True)
 
     def next_step(self) -> list[dict]:
         """This rank's micro-batches for the next optimizer step."""
         if self.prefetch <= 0:
-            batches, (self.epoch, self.consumed) = self._produce()
+            batches, (self.epoch, self.consumed) = self._produce(self._read_step())
             return batches
         if self._thread is None:
             self._stop.clear()
@@ -195,35 +225,49 @@ class ShardLoader:
             self._thread, self._queue = None, None
         self._cursor = (self.epoch, self.consumed)
 
-    def read_members(self, wanted: list[tuple[SampleRef | None, str]]) -> list[bytes | None]:
-        """The bytes of each (sample, member), None where absent, read by offset in one fsspec call
-        (concurrent requests on object stores)."""
-        out: list[bytes | None] = [None] * len(wanted)
+    def _mapped(self, shard: str) -> memoryview:
+        if shard not in self._maps:
+            with open(f"{self.store.path}/{shard}", "rb") as f:
+                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return memoryview(self._maps[shard])
+
+    def read_members(self, wanted: list[tuple[SampleRef | None, str]]) -> list[bytes | memoryview | None]:
+        """The bytes of each (sample, member), None where absent, read by offset: from local shards as
+        zero-copy views of the mapped file (the decoder's copy is the only one), from object stores as
+        concurrent range requests."""
+        out: list[bytes | memoryview | None] = [None] * len(wanted)
         ranges = [(i, ref.shard, *ref.members[ext]) for i, (ref, ext) in enumerate(wanted)
                   if ref is not None and ext in ref.members]
         for i, _, _, size in ranges:
             out[i] = b""  # an empty member: an object store would answer an empty range with the whole object
         ranges = [r for r in ranges if r[3] > 0]
-        if ranges:
-            paths = [f"{self.store.path}/{shard}" for _, shard, _, _ in ranges]
-            datas = self.store.fs.cat_ranges(paths, [offset for *_, offset, _ in ranges],
+        if self.store.is_local:
+            datas = [self._mapped(shard)[offset : offset + size] for _, shard, offset, size in ranges]
+        elif ranges:
+            datas = self.store.fs.cat_ranges([f"{self.store.path}/{shard}" for _, shard, _, _ in ranges],
+                                             [offset for *_, offset, _ in ranges],
                                              [offset + size for *_, offset, size in ranges], on_error="raise")
-            for (i, shard, offset, size), data in zip(ranges, datas):
-                if len(data) != size:
-                    raise OSError(f"{self.store.url_of(shard)}: {len(data)} bytes at offset {offset}, the index says "
-                                  f"{size}; the shard is truncated or does not match its index")
-                out[i] = data
+        else:
+            datas = []
+        for (i, shard, offset, size), data in zip(ranges, datas):
+            if len(data) != size:
+                raise OSError(f"{self.store.url_of(shard)}: {len(data)} bytes at offset {offset}, the index says "
+                              f"{size}; the shard is truncated or does not match its index")
+            out[i] = data
         return out
 
-    def _batch(self, order: torch.Tensor, epoch: int, positions: list[int]) -> dict:
+    def _read(self, order: torch.Tensor, epoch: int, positions: list[int]) -> dict:
+        """One micro-batch's identity and raw bytes (reports, then views in VIEWS order)."""
         valid = [p < len(self.samples) for p in positions]
         refs = [self.samples[int(order[p])] if ok else None for p, ok in zip(positions, valid)]
-        members = self.read_members([(r, "report.txt") for r in refs] + [(r, f"{v}.jpg") for v in VIEWS for r in refs])
-        n = len(refs)
-        batch: dict = {"key": [r.key if r else "" for r in refs], "position": positions,
-                       "seed": [sample_seed(self.seed, epoch, p) for p in positions],
-                       "valid": torch.tensor(valid),
-                       "report": [(data or b"").decode("utf-8") for data in members[:n]]}
+        return {"key": [r.key if r else "" for r in refs], "position": positions,
+                "seed": [sample_seed(self.seed, epoch, p) for p in positions], "valid": torch.tensor(valid),
+                "members": self.read_members([(r, "report.txt") for r in refs]
+                                             + [(r, f"{v}.jpg") for v in VIEWS for r in refs])}
+
+    def _decode(self, batch: dict) -> dict:
+        members, n = batch.pop("members"), len(batch["key"])
+        batch["report"] = [bytes(data or b"").decode("utf-8") for data in members[:n]]
         if self.tokenizers is not None:
             batch.update(tokenize_reports(self.tokenizers, batch["report"]))
         images, present = self.decoder(members[n:])

@@ -36,7 +36,8 @@ def _tokenizers(cfg: TrainConfig, reader: ShardLoader) -> Tokenizers:
         raise ValueError(f"model {cfg.model!r} needs its real tokenizers: set tokenizers to a folder with clip/, "
                          "bert/ and gpt2/ (save_pretrained layout)")
     reports = reader.read_members([(ref, "report.txt") for ref in reader.samples])
-    return train_small_tokenizers([r.decode() for r in reports if r and r.strip()] or ["empty"])
+    texts = [bytes(r).decode() for r in reports if r]
+    return train_small_tokenizers([t for t in texts if t.strip()] or ["empty"])
 
 
 def _once(run_dir: str, name: str) -> bool:
