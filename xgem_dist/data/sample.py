@@ -44,11 +44,17 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
     return out.getvalue()
 
 
+def decode_at_eighth_scale(image: Image.Image) -> None:
+    """Decodes the whole entropy-coded stream at 1/8 scale (JPEG DCT scaling: cheap); raises on corrupt data."""
+    image.draft("L", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+    image.load()
+
+
 def prepare_image(raw: bytes, options: SampleOptions) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
     """(stored bytes, original (w, h), stored (w, h)); raises BadImage for unreadable data.
 
-    Original-bytes mode still decodes the whole entropy-coded stream (at 1/8 scale through JPEG
-    DCT scaling, which is cheap) so that truncated or corrupt files are caught here, not in training.
+    Original-bytes mode still decodes the image (decode_at_eighth_scale) so that truncated or corrupt
+    files are caught here, not in training.
     """
     try:
         image = Image.open(io.BytesIO(raw))
@@ -60,8 +66,7 @@ def prepare_image(raw: bytes, options: SampleOptions) -> tuple[bytes, tuple[int,
             scale = options.max_side / max(size)
             target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
         if target == size and (not options.max_side or image.mode == "L"):
-            image.draft("L", (max(1, size[0] // 8), max(1, size[1] // 8)))
-            image.load()
+            decode_at_eighth_scale(image)
             return raw, size, size
         image.draft("L", target)  # DCT-domain downscale to >= target, then a Lanczos resize
         image = image.convert("L")
