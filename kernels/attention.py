@@ -178,8 +178,8 @@ def _config(head_dims: tuple[int, ...], block_m: int, block_n: int, warps: int, 
 
 ALL, UP_TO_128, UP_TO_80 = HEAD_DIMS, (40, 64, 80, 128), (40, 64, 80)
 # Candidates for the GPU autotuner per architecture (90: Hopper and newer, 80: Ampere), each with the head
-# dims it is used for: at those it compiles without spilling registers (on Hopper with wgmma), as
-# `python -m kernels.compile_check` shows (CI runs it). No config of Ampere's runs D=160 without spills,
+# dims it is used for: at those it compiles without spilling registers (on Hopper with wgmma) with Triton
+# 3.6 and 3.9, as `python -m kernels.compile_check` shows (CI runs it). No config of Ampere's runs D=160 without spills,
 # so the kernel does not take D=160 there (`auto` uses SDPA).
 CONFIGS = {
     90: {
@@ -187,14 +187,15 @@ CONFIGS = {
                     _config(UP_TO_80, 128, 128, 8, 3), _config(UP_TO_80, 64, 64, 4, 3), _config((40,), 128, 64, 4, 3)],
         "dkdv": [_config(ALL, 32, 64, 8, 2), _config(UP_TO_80, 64, 64, 8, 2), _config(UP_TO_80, 32, 128, 8, 2),
                  _config(UP_TO_80, 32, 64, 4, 3), _config((40,), 128, 64, 8, 2)],
-        "dq": [_config(ALL, 64, 32, 8, 3), _config(ALL, 128, 32, 8, 3), _config(UP_TO_128, 64, 64, 8, 3),
-               _config(UP_TO_128, 128, 64, 8, 3), _config(UP_TO_80, 64, 128, 8, 2), _config(UP_TO_80, 64, 64, 4, 3)],
+        "dq": [_config((160,), 64, 16, 8, 3), _config((160,), 128, 16, 8, 3), _config(UP_TO_128, 64, 32, 8, 3),
+               _config(UP_TO_128, 128, 32, 8, 3), _config(UP_TO_80, 64, 64, 8, 3), _config(UP_TO_80, 128, 64, 8, 3),
+               _config(UP_TO_80, 64, 128, 8, 2), _config(UP_TO_80, 64, 64, 4, 3)],
     },
     80: {
         "forward": [_config(UP_TO_128, 64, 64, 8, 3), _config(UP_TO_128, 64, 32, 8, 3),
                     _config(UP_TO_128, 32, 64, 8, 3), _config(UP_TO_80, 128, 32, 8, 3), _config(UP_TO_80, 64, 32, 4, 3),
                     _config((40,), 64, 64, 4, 3)],
-        "dkdv": [_config(UP_TO_128, 32, 64, 8, 2), _config(UP_TO_128, 64, 64, 8, 2), _config(UP_TO_128, 64, 32, 8, 2),
+        "dkdv": [_config(UP_TO_128, 32, 64, 8, 2), _config(UP_TO_128, 64, 64, 8, 2), _config((40, 64, 128), 64, 32, 8, 2),
                  _config((40,), 64, 64, 4, 2), _config((40,), 32, 64, 4, 2)],
         "dq": [_config(UP_TO_128, 64, 32, 8, 3), _config((40, 64, 128), 64, 64, 8, 3),
                _config((40, 64, 128), 32, 64, 8, 3), _config(UP_TO_80, 128, 32, 8, 3), _config(UP_TO_80, 64, 32, 4, 3),

@@ -31,7 +31,9 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def _triton_attention():
     try:
         from kernels.attention import flash_attention, supports
-    except ImportError:  # no triton installed
+    except Exception as e:  # noqa: BLE001 - no triton, or one whose API differs: attention still runs, on SDPA
+        log.warning("the Triton attention kernel is unavailable (%s: %s); attention uses torch SDPA",
+                    type(e).__name__, e)
         return None, None
     return flash_attention, supports
 
