@@ -32,8 +32,8 @@ def _triton_attention():
     try:
         from kernels.attention import flash_attention, supports
     except Exception as e:  # noqa: BLE001 - no triton, or one whose API differs: attention still runs, on SDPA
-        log.warning("the Triton attention kernel is unavailable (%s: %s); attention uses torch SDPA",
-                    type(e).__name__, e)
+        log.log(logging.WARNING if torch.cuda.is_available() else logging.DEBUG,
+                "the Triton attention kernel is unavailable (%s: %s); attention uses torch SDPA", type(e).__name__, e)
         return None, None
     return flash_attention, supports
 
