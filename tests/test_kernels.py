@@ -122,6 +122,33 @@ def test_forward_backward_timer_runs_both_passes():
     assert calls == [True] * 5  # 2 warm-ups + 3 timed, with gradients (a training step's cost)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_auto_measures_inside_activation_checkpointing(reentrant):
+    """The first call of a shape measures a separate forward+backward inside the model's forward; under
+    (diffusers' non-reentrant) activation checkpointing that must not disturb the checkpoint's bookkeeping."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(8, 8)
+
+    def block(x, choice):
+        q = proj(x).view(2, 5, 2, 4).transpose(1, 2)
+        return choice(q, q, q).transpose(1, 2).reshape(2, 5, 8)
+
+    x = torch.randn(2, 5, 8, requires_grad=True)  # reentrant checkpointing needs an input with gradients
+    grads = []
+    for checkpointed in (True, False):
+        choice = MeasuredChoice({"a": sdpa, "b": lambda q, k, v: sdpa(q, k, v)})  # the real timer
+        proj.zero_grad()
+        if checkpointed:
+            out = torch.utils.checkpoint.checkpoint(block, x, choice, use_reentrant=reentrant)
+        else:
+            out = block(x, choice)
+        out.square().sum().backward()
+        grads.append(proj.weight.grad.clone())
+        assert len(choice.choices) == 1
+    assert torch.allclose(grads[0], grads[1])
+
+
 def _cross_attention():
     from diffusers.models.attention_processor import Attention
 

@@ -48,11 +48,14 @@ def _sdpa_with(backend: SDPBackend) -> AttentionFn:
 
 def forward_backward_seconds(fn: AttentionFn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              repeats: int = 5) -> float:
-    """Median seconds of fn's forward + backward on fresh tensors shaped like q, k, v (after 2 warm-ups)."""
+    """Median seconds of fn's forward + backward on fresh tensors shaped like q, k, v (after 2 warm-ups).
+
+    It runs inside the model's forward, possibly inside an activation-checkpointed block: identity
+    saved-tensor hooks keep the checkpoint's hooks from taking this separate graph's tensors as its own."""
     q, k, v = (torch.randn_like(x).requires_grad_() for x in (q, k, v))
     grad = torch.randn_like(q)
     times = []
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         for i in range(repeats + 2):
             if q.is_cuda:
                 torch.cuda.synchronize(q.device)
