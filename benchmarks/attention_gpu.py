@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from kernels import attention as kernel
-from xgem_dist.model.attention import gpu_candidates
+from xgem_dist.model.attention import gpu_candidates, triton_attention
 
 # (batch, heads, query length, key length, head dim): the image UNets at 256 px, then at 512 px, then the
 # head dims of the reference kernels
@@ -49,7 +49,7 @@ def timed(fn, repeats: int = 20) -> float:
 
 def attention_rows(dtype: torch.dtype) -> list[dict]:
     rows = []
-    auto = gpu_candidates()
+    auto = gpu_candidates(*triton_attention())
     impls = {**auto.candidates, "auto": auto}
     for b, h, n_q, n_k, d in SHAPES:
         q = torch.randn(b, h, n_q, d, device="cuda", dtype=dtype, requires_grad=True)

@@ -15,6 +15,7 @@ Runs on the CPU under TRITON_INTERPRET=1 (for tests) with small fixed blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -179,8 +180,8 @@ def _config(head_dims: tuple[int, ...], block_m: int, block_n: int, warps: int, 
 ALL, UP_TO_128, UP_TO_80 = HEAD_DIMS, (40, 64, 80, 128), (40, 64, 80)
 # Candidates for the GPU autotuner per architecture (90: Hopper and newer, 80: Ampere), each with the head
 # dims it is used for: at those it compiles without spilling registers (on Hopper with wgmma) with Triton
-# 3.6 and 3.9, as `python -m kernels.compile_check` shows (CI runs it). No config of Ampere's runs D=160 without spills,
-# so the kernel does not take D=160 there (`auto` uses SDPA).
+# 3.6 and 3.9, as `python -m kernels.compile_check` shows (CI runs it). No config of Ampere's runs D=160
+# without spills, so the kernel does not take D=160 there (`auto` uses SDPA).
 CONFIGS = {
     90: {
         "forward": [_config(ALL, 128, 64, 8, 3), _config(ALL, 64, 64, 8, 3), _config(ALL, 64, 32, 8, 3),
@@ -210,6 +211,7 @@ def configs_for(arch: int, kernel: str, head_dim: int) -> list[triton.Config]:
     return [config for dims, config in CONFIGS[arch][kernel] if head_dim in dims]
 
 
+@functools.cache
 def head_dims(arch: int) -> tuple[int, ...]:
     """The head dims every kernel has a config for on this architecture."""
     return tuple(d for d in HEAD_DIMS if all(configs_for(arch, kernel, d) for kernel in KERNELS))

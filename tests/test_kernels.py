@@ -69,9 +69,9 @@ def test_kernel_bf16_on_gpu(head_dim):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_on_gpu_matches_sdpa():
-    from xgem_dist.model.attention import gpu_candidates
+    from xgem_dist.model.attention import gpu_candidates, triton_attention
 
-    auto = gpu_candidates()
+    auto = gpu_candidates(*triton_attention())
     q, k, v = (torch.randn(4, 8, n, 40, device="cuda", dtype=torch.bfloat16) for n in (256, 256, 256))
     out = auto(q, k, v)
     ((name, seconds),) = auto.choices.values()

@@ -1,8 +1,9 @@
 """`xgem-dist make-demo`: a small, fully synthetic dataset in the exact MIMIC-CXR-JPG + reports layout.
 
 Images are procedural radiograph-like grayscale JPEGs (q95, 1-1.7k px, or MIMIC-CXR's full 2.4-3.1k px);
-reports follow the real section structure; the CSVs carry the real column names. No patient data. Deliberate defects, one study each
-(listed in DEFECTS and in <out>/DEMO_DEFECTS.json), exercise every bad-input path of the sharder.
+reports follow the real section structure; the CSVs carry the real column names. No patient data.
+Deliberate defects, one study each (listed in DEFECTS and in <out>/DEMO_DEFECTS.json), exercise every
+bad-input path of the sharder.
 """
 
 from __future__ import annotations

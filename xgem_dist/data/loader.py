@@ -8,10 +8,10 @@
   sequence.
 - The last partial global batch of an epoch: `drop` (default) or `pad`, where the missing positions
   come as invalid rows (`valid` False, zero images) — never as repeated samples.
-- Bytes: read by offset through the DALI index files (any fsspec URL, s3:// included): local shards by a
-  memory map (no copy before the decoder's), object stores by concurrent range requests. Decoded on the GPU with DALI or on
-  the CPU (decode.py). A background thread decodes a bounded number of steps ahead while the reads of
-  the next step run beside it.
+- Bytes: read by offset through the DALI index files (any fsspec URL, s3:// included): local shards
+  through a memory map (no copy before the decoder's), object stores by concurrent range requests.
+  Decoded on the GPU with DALI or on the CPU (decode.py). A background thread decodes a bounded number
+  of steps ahead while the reads of the next step run beside it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ BACKENDS = ("sdpa", "triton", "auto")
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _triton_attention():
+def triton_attention():
     try:
         from kernels.attention import flash_attention, supports
     except Exception as e:  # noqa: BLE001 - no triton, or one whose API differs: attention still runs, on SDPA
@@ -101,10 +101,9 @@ class MeasuredChoice:
         return choice, seconds
 
 
-def gpu_candidates() -> MeasuredChoice:
-    """`auto` on CUDA: our Triton kernel (where it supports the shape) against torch SDPA's default pick and
-    its cuDNN, flash and efficient backends."""
-    kernel, supports = _triton_attention()
+def gpu_candidates(kernel: AttentionFn | None, supports) -> MeasuredChoice:
+    """`auto` on CUDA: our Triton kernel (where `supports` says it takes the shape; None: not available)
+    against torch SDPA's default pick and its cuDNN, flash and efficient backends."""
     candidates: dict[str, AttentionFn] = {"sdpa": F.scaled_dot_product_attention}
     candidates.update({f"sdpa-{name}": _sdpa_with(backend) for name, backend in
                        (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
@@ -120,8 +119,8 @@ class XGeMAttnProcessor:
             raise ValueError(f"XGeMAttnProcessor backend must be 'triton' or 'auto', got {backend!r}")
         self.backend = backend
         self.reference = AttnProcessor2_0()
-        self.kernel, self.supports = _triton_attention()
-        self.measured = gpu_candidates() if backend == "auto" else None
+        self.kernel, self.supports = triton_attention()
+        self.measured = gpu_candidates(self.kernel, self.supports) if backend == "auto" else None
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not q.is_cuda:
