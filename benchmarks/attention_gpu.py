@@ -1,7 +1,8 @@
 """Attention at XGeM's shapes on one GPU: our Triton kernel against torch SDPA (its default pick and each of
 its cuDNN, flash and efficient backends) and `auto` (the fastest of those, measured per shape), forward and
-forward+backward TFLOP/s; then one image-UNet training step with the `sdpa` and `auto` processors and the
-step's GPU time by kernel family (is GroupNorm+SiLU a top cost?). Prints tables and writes JSON.
+forward+backward TFLOP/s; then one image-UNet training step stock (SDPA, torch GroupNorm), with `auto`
+attention, and with `auto` attention and GroupNorm+SiLU, each with its GPU time by kernel family.
+Prints tables and writes JSON.
 Needs CUDA and triton (no Ray, no DALI, no DeepSpeed).
 
     python benchmarks/attention_gpu.py [--dtype bf16] [--unet-model xgem-lean] [--json benchmarks/results/attention_gpu.json]
@@ -85,6 +86,7 @@ def autotuned_configs() -> dict[str, dict]:
 
 def unet_step(model_name: str, dtype: torch.dtype, batch: int) -> dict:
     from xgem_dist.model.attention import set_attention_backend
+    from xgem_dist.model.norm import set_norm_backend
     from xgem_dist.model.xgem import build_xgem
 
     model = build_xgem(model_name, device="cuda").to(dtype)
@@ -98,14 +100,17 @@ def unet_step(model_name: str, dtype: torch.dtype, batch: int) -> dict:
         unet(x, t, context).float().square().mean().backward()
 
     out = {"model": model_name, "batch": batch, "latent_side": side}
-    for backend in ("sdpa", "auto"):
-        set_attention_backend(unet, backend)
-        out[f"{backend}_step_s"] = round(timed(step, 5), 4)
+    # stock (diffusers' SDPA processor, torch GroupNorm then SiLU), then our attention, then our norms too
+    for name, attention, norm in (("sdpa", "sdpa", "torch"), ("auto", "auto", "torch"), ("auto_norm", "auto", "auto")):
+        set_attention_backend(unet, attention)
+        set_norm_backend(unet, norm)
+        out[f"{name}_step_s"] = round(timed(step, 5), 4)
+        try:
+            out[f"{name}_kernel_families"] = kernel_families(step)
+        except Exception as e:  # noqa: BLE001 - the timings still count
+            out[f"{name}_kernel_families"] = {"error": f"{type(e).__name__}: {e}", "share": {}}
     out["speedup"] = round(out["sdpa_step_s"] / out["auto_step_s"], 3)
-    try:
-        out["kernel_families"] = kernel_families(step)
-    except Exception as e:  # noqa: BLE001 - the timings above still count
-        out["kernel_families"] = {"error": f"{type(e).__name__}: {e}", "share": {}}
+    out["speedup_with_norm"] = round(out["sdpa_step_s"] / out["auto_norm_step_s"], 3)
     return out
 
 
@@ -156,8 +161,11 @@ def main() -> None:
     goals["triton_goal_met"] = all((x or 0) >= GOAL_VS_CUDNN for x in goals["triton_vs_cudnn_at_d40_d80"].values())
     print(json.dumps(goals, indent=1))
     step = unet_step(args.unet_model, dtype, args.unet_batch)
-    print(f"image UNet step ({args.unet_model}, batch {args.unet_batch}): sdpa {step['sdpa_step_s']} s, "
-          f"auto {step['auto_step_s']} s ({step['speedup']}x); GPU time by family {step['kernel_families']['share']}")
+    print(f"image UNet step ({args.unet_model}, batch {args.unet_batch}): stock {step['sdpa_step_s']} s, "
+          f"attention auto {step['auto_step_s']} s ({step['speedup']}x), and GroupNorm+SiLU auto "
+          f"{step['auto_norm_step_s']} s ({step['speedup_with_norm']}x)")
+    for name in ("sdpa", "auto", "auto_norm"):
+        print(f"  GPU time by kernel family, {name}: {step[f'{name}_kernel_families']['share']}")
     result = {"benchmark": "attention_gpu", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "dtype": args.dtype, "attention": rows, "goals": goals, "autotuned": autotuned_configs(),
               "unet_step": step}

@@ -2,7 +2,9 @@
 # Every GPU measurement the kernels and the loader need, on one GPU and without Ray, in one command per
 # part; each step is bounded by a timeout and logs to WORK/logs (its tail is printed); only JSON goes to OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT kernels   # GPU kernel tests, attention TFLOP/s, UNet step sdpa vs auto (~6 min)
+#   bash benchmarks/gpu_suite.sh OUT kernels   # GPU attention tests, attention TFLOP/s, UNet step stock vs auto
+#                                              # attention vs auto attention + GroupNorm, by kernel family (~6 min)
+#   bash benchmarks/gpu_suite.sh OUT norm      # GPU GroupNorm tests, GroupNorm+SiLU Triton vs torch (~2 min)
 #   bash benchmarks/gpu_suite.sh OUT data      # full-size demo shards: DALI GPU vs PIL img/s, then a profiled
 #                                              # xgem frontal-stage run on them: data wait vs step time (~8 min)
 #
@@ -11,8 +13,8 @@
 # run. CONFIG and DECODER (default xgem-frontal-256 and dali-gpu) pick the profiled run's preset and decoder
 # (CONFIG=tiny-frontal DECODER=pil runs the data part's plumbing on a CPU).
 set -uo pipefail
-OUT=${1:?usage: gpu_suite.sh OUT kernels|data}
-PART=${2:?usage: gpu_suite.sh OUT kernels|data}
+OUT=${1:?usage: gpu_suite.sh OUT kernels|norm|data}
+PART=${2:?usage: gpu_suite.sh OUT kernels|norm|data}
 WORK=${WORK:-/tmp/xgem_gpu}
 CONFIG=${CONFIG:-xgem-frontal-256}
 DECODER=${DECODER:-dali-gpu}
@@ -42,6 +44,10 @@ kernels)
   step kernel_tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu or single_key or swapping"
   step attention 420 python3 benchmarks/attention_gpu.py --json "$OUT/attention_gpu.json"
   ;;
+norm)
+  step norm_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_group_norm.py
+  step group_norm 240 python3 benchmarks/group_norm_gpu.py --json "$OUT/group_norm_gpu.json"
+  ;;
 data)
   if [ ! -f "$WORK/shards-full/summary.json" ]; then
     step make_shards 240 bash -c "
@@ -62,7 +68,7 @@ train_small_tokenizers; train_small_tokenizers(FINDINGS + IMPRESSIONS).save('$WO
   cp "$WORK/profile/profile.json" "$OUT/profile_data_wait.json"
   ;;
 *)
-  echo "unknown part $PART (kernels | data)" >&2
+  echo "unknown part $PART (kernels | norm | data)" >&2
   exit 2
   ;;
 esac

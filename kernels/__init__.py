@@ -1,1 +1,2 @@
-"""Fused GPU kernels for XGeM (Triton), used by the model through xgem_dist.model.attention."""
+"""Fused GPU kernels for XGeM (Triton), used by the model through xgem_dist.model.attention and
+xgem_dist.model.norm."""

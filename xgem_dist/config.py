@@ -107,6 +107,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     attention: str = "auto"  # sdpa | triton | auto (exact single-key path; Triton kernel on CUDA where it applies)
+    norm: str = "auto"  # torch | triton | auto (GroupNorm+SiLU fused; on CUDA the faster of Triton and torch per shape)
     wiring: str = "paper"  # joint stages: connectors attend to the other stream (paper) or their own (released)
     cfg_dropout: float = 0.1
     seed: int = 0

@@ -7,14 +7,12 @@
   parameters stay, for checkpoint compatibility, and get exactly zero gradients, as with real attention).
   Other attention: `triton` runs the Triton flash-attention kernel (kernels/attention.py) and fails where
   it does not apply; `auto` measures, once per shape, forward+backward of that kernel, torch SDPA's default
-  pick and each of SDPA's cuDNN/flash/efficient backends, and keeps the fastest (so it is never slower
-  than SDPA). On the CPU both use SDPA.
+  pick and each of SDPA's cuDNN/flash/efficient backends, and keeps the fastest that agrees with SDPA (so
+  it is never slower than SDPA). On the CPU both use SDPA.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 
 import torch
@@ -23,19 +21,15 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-log = logging.getLogger(__name__)
+from .measured import MeasuredChoice, optional_kernel
+
 BACKENDS = ("sdpa", "triton", "auto")
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def triton_attention():
-    try:
-        from kernels.attention import flash_attention, supports
-    except Exception as e:  # noqa: BLE001 - no triton, or one whose API differs: attention still runs, on SDPA
-        log.log(logging.WARNING if torch.cuda.is_available() else logging.DEBUG,
-                "the Triton attention kernel is unavailable (%s: %s); attention uses torch SDPA", type(e).__name__, e)
-        return None, None
-    return flash_attention, supports
+    """(flash_attention, supports) from kernels.attention, or (None, None) where it cannot be imported."""
+    return optional_kernel("kernels.attention", "flash_attention", "supports", fallback="torch SDPA")
 
 
 def _sdpa_with(backend: SDPBackend) -> AttentionFn:
@@ -44,61 +38,6 @@ def _sdpa_with(backend: SDPBackend) -> AttentionFn:
             return F.scaled_dot_product_attention(q, k, v)
 
     return attend
-
-
-def forward_backward_seconds(fn: AttentionFn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             repeats: int = 5) -> float:
-    """Median seconds of fn's forward + backward on fresh tensors shaped like q, k, v (after 2 warm-ups).
-
-    It runs inside the model's forward, possibly inside an activation-checkpointed block: identity
-    saved-tensor hooks keep the checkpoint's hooks from taking this separate graph's tensors as its own."""
-    q, k, v = (torch.randn_like(x).requires_grad_() for x in (q, k, v))
-    grad = torch.randn_like(q)
-    times = []
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        for i in range(repeats + 2):
-            if q.is_cuda:
-                torch.cuda.synchronize(q.device)
-            start = time.perf_counter()
-            fn(q, k, v).backward(grad)
-            if q.is_cuda:
-                torch.cuda.synchronize(q.device)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-class MeasuredChoice:
-    """Calls, for each attention shape, the fastest of the candidates that run it, measured the first time
-    the shape is seen (`timer`), like cudnn.benchmark. Candidates that raise RuntimeError are left out."""
-
-    def __init__(self, candidates: dict[str, AttentionFn],
-                 applies: Callable[[str, torch.Tensor, torch.Tensor], bool] = lambda name, q, k: True,
-                 timer: Callable[..., float] = forward_backward_seconds):
-        self.candidates, self.applies, self.timer = candidates, applies, timer
-        self.choices: dict[tuple, tuple[str, dict[str, float]]] = {}  # shape -> (choice, seconds per candidate)
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        key = (tuple(q.shape), tuple(k.shape), q.dtype, str(q.device))
-        if key not in self.choices:
-            self.choices[key] = self._measure(q, k, v, key)
-        return self.candidates[self.choices[key][0]](q, k, v)
-
-    def _measure(self, q, k, v, key) -> tuple[str, dict[str, float]]:
-        seconds = {}
-        for name, fn in self.candidates.items():
-            if not self.applies(name, q, k):
-                continue
-            try:
-                seconds[name] = self.timer(fn, q, k, v)
-            except RuntimeError as e:  # e.g. an SDPA backend that does not take this shape
-                log.debug("attention candidate %s skipped for %s: %s", name, key, e)
-        if not seconds:
-            raise RuntimeError(f"no attention implementation runs q {key[0]}, k {key[1]} {key[2]}")
-        choice = min(seconds, key=seconds.get)
-        log.info("attention q %s k %s %s: %s -> %s", key[0], key[1], key[2],
-                 ", ".join(f"{n} {s * 1e3:.3f} ms" for n, s in seconds.items()), choice)
-        return choice, seconds
 
 
 def gpu_candidates(kernel: AttentionFn | None, supports) -> MeasuredChoice:
@@ -110,7 +49,7 @@ def gpu_candidates(kernel: AttentionFn | None, supports) -> MeasuredChoice:
                         ("efficient", SDPBackend.EFFICIENT_ATTENTION))})
     if kernel is not None:
         candidates["triton"] = kernel
-    return MeasuredChoice(candidates, applies=lambda name, q, k: name != "triton" or supports(q, k))
+    return MeasuredChoice("attention", candidates, applies=lambda name, q, k, v: name != "triton" or supports(q, k))
 
 
 class XGeMAttnProcessor:

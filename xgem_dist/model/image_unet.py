@@ -19,6 +19,7 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
+from .norm import GroupNorm
 from .temporal import SpatioTemporalBlock
 
 
@@ -70,7 +71,7 @@ class ImageEnvironmentEncoder(nn.Module):
             if i < len(channels) - 1:
                 self.downsamplers.append(Downsample2D(c, use_conv=True, padding=1, name="op"))
             previous = c
-        self.norm_out = nn.GroupNorm(cfg.norm_num_groups, previous)
+        self.norm_out = GroupNorm(cfg.norm_num_groups, previous, silu=True)
         self.conv_out = nn.Conv2d(previous, cfg.connector_dim, 3, padding=1)
         self.temporal = temporal_blocks(channels, cfg)
 
@@ -82,7 +83,7 @@ class ImageEnvironmentEncoder(nn.Module):
                 h = self.temporal[i](h)
             if i < len(self.downsamplers):
                 h = self.downsamplers[i](h)
-        h = self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(self.norm_out(h))
         return F.normalize(h.mean(dim=(2, 3)), dim=-1).unsqueeze(1)  # [B, 1, connector_dim]
 
 

@@ -16,6 +16,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from .image_unet import run_block
+from .norm import GroupNorm
 
 TOKENS = 4
 
@@ -39,17 +40,17 @@ class FCResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, temb_dim: int, groups: int):
         super().__init__()
         self.c_out = c_out
-        self.norm1 = nn.GroupNorm(groups, TOKENS * c_in)
+        self.norm1 = GroupNorm(groups, TOKENS * c_in, silu=True)
         self.linear1 = nn.Linear(TOKENS * c_in, TOKENS * c_out)
         self.time_emb_proj = nn.Linear(temb_dim, TOKENS * c_out)
-        self.norm2 = nn.GroupNorm(groups, TOKENS * c_out)
+        self.norm2 = GroupNorm(groups, TOKENS * c_out, silu=True)
         self.linear2 = nn.Linear(TOKENS * c_out, TOKENS * c_out)
         self.shortcut = nn.Linear(TOKENS * c_in, TOKENS * c_out) if c_in != c_out else nn.Identity()
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         x = h.flatten(1)
-        y = self.linear1(F.silu(self.norm1(x))) + self.time_emb_proj(F.silu(temb))
-        y = self.linear2(F.silu(self.norm2(y)))
+        y = self.linear1(self.norm1(x)) + self.time_emb_proj(F.silu(temb))
+        y = self.linear2(self.norm2(y))
         return (self.shortcut(x) + y).view(h.shape[0], self.c_out, TOKENS, 1)
 
 
@@ -74,7 +75,7 @@ class TextEnvironmentEncoder(nn.Module):
             if i < len(channels) - 1:
                 self.downsamplers.append(_tokens_linear(c))
             previous = c
-        self.norm_out = nn.GroupNorm(cfg.norm_num_groups, previous)
+        self.norm_out = GroupNorm(cfg.norm_num_groups, previous, silu=True)
         self.linear_out = nn.Linear(TOKENS * previous, cfg.connector_dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class TextEnvironmentEncoder(nn.Module):
             h = resnet(h, temb)
             if i < len(self.downsamplers):
                 h = _apply(self.downsamplers[i], h)
-        h = self.linear_out(F.silu(self.norm_out(h)).flatten(1))
+        h = self.linear_out(self.norm_out(h).flatten(1))
         return F.normalize(h, dim=-1).unsqueeze(1)
 
 
@@ -126,7 +127,7 @@ class TextUNet(nn.Module):
                 previous = c
             if level > 0:
                 self.upsamplers.append(_tokens_linear(c))
-        self.norm_out = nn.GroupNorm(groups, chans[0])
+        self.norm_out = GroupNorm(groups, chans[0], silu=True)
         self.linear_out = nn.Linear(TOKENS * chans[0], cfg.latent_dim)
 
         self.env_encoder = TextEnvironmentEncoder(cfg, temb_dim)
@@ -190,4 +191,4 @@ class TextUNet(nn.Module):
             if level > 0:
                 h = _apply(self.upsamplers[i], h)
             h = connect(h, with_attention)
-        return self.linear_out(F.silu(self.norm_out(h)).flatten(1))
+        return self.linear_out(self.norm_out(h).flatten(1))

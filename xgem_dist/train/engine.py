@@ -15,6 +15,7 @@ import torch
 
 from ..config import TrainConfig
 from ..model.attention import set_attention_backend
+from ..model.norm import set_norm_backend
 from ..model.stages import apply_stage
 from ..model.tokenizers import Tokenizers
 from ..model.xgem import build_xgem
@@ -128,6 +129,7 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
     init = (lambda: deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(ds))) if zero3 else None
     model = build_xgem(cfg.model, init_context=init)
     set_attention_backend(model, cfg.attention)
+    set_norm_backend(model, cfg.norm)
     if cfg.activation_checkpointing:
         for unet in (model.unet_frontal, model.unet_lateral, model.unet_text):
             unet.gradient_checkpointing = True
