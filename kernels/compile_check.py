@@ -136,7 +136,8 @@ def main() -> None:
     for r in rows:
         if "channels" in r:
             print(f"{r['kernel']:>7} {r['channels']:>4} {r['positions']:>5} {r['dtype']:>5} {r['arch']:>3} "
-                  f"{r['BLOCK_C']:>3}x{r['BLOCK_S']:<4} {r['warps']:>5} {r.get('registers', '-'):>5}  {r.get('error', '')}")
+                  f"{r['BLOCK_C']:>3}x{r['BLOCK_S']:<4} {r['warps']:>5} {r.get('registers', '-'):>5}  "
+                  f"{r.get('error', '')}")
     failed = [r for r in rows if "error" in r]
     print(f"{len(rows) - len(failed)} of {len(rows)} kernel configs compile cleanly")
     if args.json:

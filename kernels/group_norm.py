@@ -39,7 +39,7 @@ def _sigmoid(z):
 
 @triton.jit
 def _group_norm_forward(X, W, B, Y, MEAN, RSTD, groups, channels, positions, eps,
-                    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                        SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)  # = sample * groups + group; the group's elements are contiguous
     base = pid.to(tl.int64) * channels * positions
     X += base
@@ -81,7 +81,8 @@ def _group_norm_forward(X, W, B, Y, MEAN, RSTD, groups, channels, positions, eps
 
 @triton.jit
 def _gradients(X, W, B, DY, offsets, mask, c, first_channel, channels, mean, rstd, SILU: tl.constexpr):
-    """x_hat and dL/d(normalised, pre-affine) = dL/dz * w, with dL/dz (z = x_hat * w + b)."""
+    """(x_hat, dL/dz, dL/dx_hat) of a tile, with x_hat = (x - mean) * rstd and z = x_hat * w + b (the output
+    before the SiLU): x_hat is recomputed from x rather than saved."""
     x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
     dz = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + first_channel + c, mask=c < channels, other=0.0).to(tl.float32)
@@ -96,7 +97,7 @@ def _gradients(X, W, B, DY, offsets, mask, c, first_channel, channels, mean, rst
 
 @triton.jit
 def _group_norm_backward(X, W, B, DY, MEAN, RSTD, DX, DW, DB, groups, channels, positions, inv_count,
-                     SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                         SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
     base = pid.to(tl.int64) * channels * positions
     X += base
@@ -164,8 +165,8 @@ class _GroupNorm(torch.autograd.Function):
         y = _new(x)
         mean = _new(x, torch.float32, (samples * groups,))
         rstd = _new(x, torch.float32, (samples * groups,))
-        _group_norm_forward[(samples * groups,)](x, weight, bias, y, mean, rstd, groups, channels, positions, eps,
-                                              SILU=silu, **blocks(channels, positions))
+        _group_norm_forward[(samples * groups,)](x, weight, bias, y, mean, rstd, groups, channels, positions,
+                                                 eps, SILU=silu, **blocks(channels, positions))
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups, ctx.silu = groups, silu
         return y
@@ -177,8 +178,9 @@ class _GroupNorm(torch.autograd.Function):
         dx = _new(x)
         dw = _new(x, torch.float32, (samples, weight.numel()))
         db = _new(x, torch.float32, (samples, weight.numel()))
-        _group_norm_backward[(samples * ctx.groups,)](x, weight, bias, dy.contiguous(), mean, rstd, dx, dw, db, ctx.groups,
-                                                  channels, positions, 1.0 / (channels * positions), SILU=ctx.silu, **blocks(channels, positions))
+        _group_norm_backward[(samples * ctx.groups,)](x, weight, bias, dy.contiguous(), mean, rstd, dx, dw, db,
+                                                      ctx.groups, channels, positions, 1.0 / (channels * positions),
+                                                      SILU=ctx.silu, **blocks(channels, positions))
         return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None, None, None
 
 

@@ -98,9 +98,6 @@ def _moved(old: nn.Module, new_type: type, *args, **kwargs) -> nn.Module:
 
 
 def _group_norm(old: nn.GroupNorm, silu: bool) -> GroupNorm:
-    if isinstance(old, GroupNorm):
-        old.silu = old.silu or silu
-        return old
     return _moved(old, GroupNorm, old.num_groups, old.num_channels, old.eps, old.affine, silu=silu)
 
 
