@@ -6,7 +6,8 @@
 
 Without --shards it makes the demo dataset (--full-size: MIMIC-CXR's native 2.4-3.1k px, ~3 MB a JPEG)
 and shards it twice (original bytes, --max-side 512). On a GPU machine with DALI installed, --decoder
-dali-gpu measures nvJPEG through DALI ("mixed" decode).
+dali-gpu measures nvJPEG through DALI ("mixed" decode). --decoder read-only measures the loader without a
+decoder (index, reads, reports, batching, prefetch): the most images/s it can feed any decoder here.
 Prints a table and writes JSON.
 """
 
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from xgem_dist.config import ShardConfig
@@ -27,8 +29,25 @@ from xgem_dist.data.loader import ShardLoader
 from xgem_dist.data.shard import shard
 
 
+class ReadOnlyDecoder:
+    """Stands in for a decoder: reads every 4 KiB page of each view, as a decoder's host-to-device copy
+    would, and returns blank images."""
+
+    failures = 0
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, views: list) -> tuple[torch.Tensor, torch.Tensor]:
+        pages = sum(int(np.frombuffer(v, dtype=np.uint8)[::4096].sum()) for v in views if v)  # noqa: F841
+        return torch.zeros(len(views), 1, self.size, self.size), torch.tensor([bool(v) for v in views])
+
+
 def measure(url: str, decoder: str, image_size: int, batch: int, steps: int, threads: int, prefetch: int) -> dict:
-    loader = ShardLoader(url, batch, 0, 1, image_size, decoder=decoder, threads=threads, prefetch=prefetch)
+    loader = ShardLoader(url, batch, 0, 1, image_size, decoder="pil" if decoder == "read-only" else decoder,
+                         threads=threads, prefetch=prefetch)
+    if decoder == "read-only":
+        loader.decoder = ReadOnlyDecoder(image_size)
     loader.next_step()  # warm-up: pipeline build, first reads
     images = 0
     t0 = time.perf_counter()
@@ -45,7 +64,7 @@ def measure(url: str, decoder: str, image_size: int, batch: int, steps: int, thr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shards", action="append", help="shard set(s); default: demo shards made here")
-    parser.add_argument("--decoder", action="append", help="pil | dali-cpu | dali-gpu (repeatable)")
+    parser.add_argument("--decoder", action="append", help="pil | dali-cpu | dali-gpu | read-only (repeatable)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
