@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh OUT kernels   # GPU attention tests, attention TFLOP/s, UNet step stock vs auto
 #                                              # attention vs auto attention + GroupNorm, by kernel family (~6 min)
 #   bash benchmarks/gpu_suite.sh OUT norm      # GPU GroupNorm tests, GroupNorm+SiLU Triton vs torch (~2 min)
-#   bash benchmarks/gpu_suite.sh OUT data      # full-size demo shards: DALI GPU vs PIL img/s, then a profiled
+#   bash benchmarks/gpu_suite.sh OUT data      # full-size demo shards: DALI GPU vs PIL vs no-decode img/s, then a profiled
 #                                              # xgem frontal-stage run on them: data wait vs step time (~8 min)
 #
 # Needs CUDA torch, triton, and this package's dependencies (benchmarks/offline_wheels.sh gathers the
@@ -58,7 +58,7 @@ data)
         --samples-per-shard 32 --workers 8 --max-side 512"
   fi
   step loader 240 python3 benchmarks/loader_throughput.py --shards "$WORK/shards-full" --shards "$WORK/shards-512" \
-    --decoder "$DECODER" --decoder pil --batch 64 --steps 20 --json "$OUT/loader_throughput.json"
+    --decoder "$DECODER" --decoder pil --decoder read-only --batch 64 --steps 20 --json "$OUT/loader_throughput.json"
   # token ids of small tokenizers are valid ids of the full-size vocabularies too
   python3 -c "from xgem_dist.data.demo import FINDINGS, IMPRESSIONS; from xgem_dist.model.tokenizers import \
 train_small_tokenizers; train_small_tokenizers(FINDINGS + IMPRESSIONS).save('$WORK/tokenizers')"
