@@ -81,3 +81,21 @@ def test_auto_measures_inside_activation_checkpointing(reentrant):
         grads.append(proj.weight.grad.clone())
         assert len(choice.choices) == 1
     assert torch.allclose(grads[0], grads[1])
+
+
+def test_agreement_is_judged_at_the_less_precise_output():
+    """Under autocast torch's GroupNorm returns fp32 and the fused kernel bf16: bf16 rounding is agreement."""
+    def reference(x):
+        return x * 2
+
+    def lower(x):
+        return (x * 2).bfloat16()
+
+    def wrong(x):
+        return (x * 2.5).bfloat16()
+
+    choice = MeasuredChoice("op", {"reference": reference, "lower": lower, "wrong": wrong},
+                            timer=lambda fn, x: {reference: 2.0, lower: 1.0, wrong: 0.5}[fn])
+    choice(torch.randn(256))
+    ((name, seconds),) = choice.choices.values()
+    assert name == "lower" and set(seconds) == {"reference", "lower"}
