@@ -46,11 +46,9 @@ class GroupNormKernel:
                                                name == "torch" or self.supports(x, groups, weight, bias)))
 
     def __call__(self, x: torch.Tensor, groups: int, weight, bias, eps: float, silu: bool) -> torch.Tensor:
-        if not x.is_cuda or self.backend == "torch":
+        if not x.is_cuda or self.backend == "torch" or (self.backend == "auto" and self.measured is None):
             return torch_group_norm(x, groups, weight, bias, eps, silu)
-        if self.backend == "auto":
-            if self.measured is None:
-                return torch_group_norm(x, groups, weight, bias, eps, silu)
+        if self.measured is not None:
             return self.measured(x, groups, weight, bias, eps, silu)
         if self.kernel is None or not self.supports(x, groups, weight, bias):
             raise RuntimeError(f"the Triton GroupNorm kernel does not support x {tuple(x.shape)} {x.dtype} "
