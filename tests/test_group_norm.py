@@ -9,6 +9,7 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 import kernels.group_norm as gn  # noqa: E402
+import kernels.outputs  # noqa: E402
 from xgem_dist.model.norm import GroupNorm, GroupNormKernel, SiLULinear, set_norm_backend  # noqa: E402
 from xgem_dist.model.xgem import build_xgem  # noqa: E402
 
@@ -18,7 +19,7 @@ ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter t
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    monkeypatch.setattr(gn, "POISON", True)
+    monkeypatch.setattr(kernels.outputs, "POISON", True)
 
 
 def check(shape, groups, silu, dtype, device="cpu", offset=0.0):

@@ -8,6 +8,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import kernels.attention as flash  # noqa: E402
+import kernels.outputs  # noqa: E402
 from xgem_dist.model.attention import XGeMAttnProcessor, set_attention_backend  # noqa: E402
 from xgem_dist.model.xgem import build_xgem  # noqa: E402
 from xgem_dist.profile.metrics import count_flops  # noqa: E402
@@ -39,7 +40,7 @@ def check(device, dtype, head_dim, n_q, n_k, batch=1, heads=2):
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    monkeypatch.setattr(flash, "POISON", True)
+    monkeypatch.setattr(kernels.outputs, "POISON", True)
 
 
 @pytest.mark.parametrize("head_dim", [40, 64, 80, 128, 160])

@@ -2,7 +2,6 @@
 
 import json
 
-
 from xgem_dist.cli import main as cli_main
 from xgem_dist.data.shard import shard
 

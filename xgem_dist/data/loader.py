@@ -239,7 +239,8 @@ class ShardLoader:
         ranges = [(i, ref.shard, *ref.members[ext]) for i, (ref, ext) in enumerate(wanted)
                   if ref is not None and ext in ref.members]
         for i, _, _, size in ranges:
-            out[i] = b""  # an empty member: an object store would answer an empty range with the whole object
+            if size == 0:
+                out[i] = b""  # never requested: an object store answers an empty range with the whole object
         ranges = [r for r in ranges if r[3] > 0]
         if self.store.is_local:
             datas = [self._mapped(shard)[offset : offset + size] for _, shard, offset, size in ranges]
