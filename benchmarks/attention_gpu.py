@@ -16,12 +16,12 @@ import argparse
 import json
 import re
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from kernels import attention as kernel
 from xgem_dist.model.attention import gpu_candidates, triton_attention
+from xgem_dist.storage import write_json
 
 # (batch, heads, query length, key length, head dim): the image UNets at 256 px, then at 512 px, then the
 # head dims of the reference kernels
@@ -160,17 +160,17 @@ def main() -> None:
     }
     goals["triton_goal_met"] = all((x or 0) >= GOAL_VS_CUDNN for x in goals["triton_vs_cudnn_at_d40_d80"].values())
     print(json.dumps(goals, indent=1))
+    result = {"benchmark": "attention_gpu", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "dtype": args.dtype, "attention": rows, "goals": goals, "autotuned": autotuned_configs()}
+    write_json(args.json, result)  # the attention table stands even if the UNet step never finishes
+    print(f"wrote {args.json} (attention)")
     step = unet_step(args.unet_model, dtype, args.unet_batch)
     print(f"image UNet step ({args.unet_model}, batch {args.unet_batch}): stock {step['sdpa_step_s']} s, "
           f"attention auto {step['auto_step_s']} s ({step['speedup']}x), and GroupNorm+SiLU auto "
           f"{step['auto_norm_step_s']} s ({step['speedup_with_norm']}x)")
     for name in ("sdpa", "auto", "auto_norm"):
         print(f"  GPU time by kernel family, {name}: {step[f'{name}_kernel_families']['share']}")
-    result = {"benchmark": "attention_gpu", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "dtype": args.dtype, "attention": rows, "goals": goals, "autotuned": autotuned_configs(),
-              "unet_step": step}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, {**result, "unet_step": step})
     print(f"wrote {args.json}")
 
 

@@ -10,15 +10,13 @@ writes JSON. Needs CUDA and triton (no Ray, no DALI, no DeepSpeed).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from attention_gpu import timed
 
 from kernels.group_norm import group_norm
 from xgem_dist.model.norm import GroupNormKernel, torch_group_norm
+from xgem_dist.storage import write_json
 
 # image UNet activations at batch 32, 256 px (latent 32: levels 32/16/8/4, incl. the decoder's concatenated
 # inputs), batch 8 at 512 px, and the text UNet's flattened 4C features; 32 groups throughout
@@ -72,8 +70,7 @@ def main() -> None:
               f"{r['triton_fwdbwd_gbs']}")
     result = {"benchmark": "group_norm_gpu", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "groups": GROUPS, "rows": table}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     print(f"wrote {args.json}")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -25,6 +24,7 @@ from xgem_dist.config import ShardConfig
 from xgem_dist.data.demo import make_demo
 from xgem_dist.data.loader import ShardLoader
 from xgem_dist.data.shard import shard
+from xgem_dist.storage import write_json
 
 
 def _free_port() -> int:
@@ -87,8 +87,8 @@ def samples_per_s(url: str, steps: int, batch: int, one_at_a_time: bool) -> floa
 
 
 def main() -> None:
-    from moto.server import ThreadedMotoServer
     import boto3
+    from moto.server import ThreadedMotoServer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency-ms", type=float, action="append", help="one-way; default 0, 10 and 25")
@@ -127,9 +127,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['latency_ms']:>10} {r['batched_samples_per_s']:>9} {r['one_at_a_time_samples_per_s']:>10} "
               f"{r['speedup']:>8}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"benchmark": "loader_s3", "batch": args.batch, "cpus": os.cpu_count(),
-                                           "results": rows}, indent=1))
+    write_json(args.json, {"benchmark": "loader_s3", "batch": args.batch, "cpus": os.cpu_count(), "results": rows})
     print(f"wrote {args.json}")
 
 

@@ -14,7 +14,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -27,6 +26,7 @@ from xgem_dist.config import ShardConfig
 from xgem_dist.data.demo import DEMO_SIDES, FULL_SIZE_SIDES, make_demo
 from xgem_dist.data.loader import ShardLoader
 from xgem_dist.data.shard import shard
+from xgem_dist.storage import write_json
 
 
 class ReadOnlyDecoder:
@@ -95,8 +95,7 @@ def main() -> None:
               "batch": args.batch,
               "threads": args.threads, "cpus": os.cpu_count(),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "results": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     print(f"wrote {args.json}")
 
 

@@ -8,7 +8,6 @@ Input MB/s counts the JPEG bytes of the dataset read per second; output MB/s the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 from xgem_dist.config import ShardConfig
 from xgem_dist.data.demo import make_demo
 from xgem_dist.data.shard import shard
+from xgem_dist.storage import write_json
 
 
 def main() -> None:
@@ -50,8 +50,7 @@ def main() -> None:
               f"{r['input_MB_per_s']:>8.1f} {r['output_MB_per_s']:>9.1f} {r['output_MB']:>7.1f}")
     result = {"benchmark": "shard_throughput", "studies": args.studies, "input_MB": round(input_bytes / 1e6, 2),
               "cpus": os.cpu_count(), "machine": platform.machine(), "results": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     print(f"wrote {args.json}")
 
 

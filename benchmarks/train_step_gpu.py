@@ -13,13 +13,13 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from xgem_dist.config import TrainConfig
 from xgem_dist.data.demo import FINDINGS, IMPRESSIONS
 from xgem_dist.model.tokenizers import train_small_tokenizers
+from xgem_dist.storage import write_json
 from xgem_dist.train.engine import build_engine, init_distributed
 
 
@@ -76,8 +76,7 @@ def main() -> None:
               "images_per_s": round(args.batch / step_s, 2), "loss": float(loss),
               "max_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
     print(json.dumps(result, indent=1))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

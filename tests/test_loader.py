@@ -1,5 +1,5 @@
 """The streaming loader: exactly-once order on any world size, resume across world sizes, the last-batch
-policy, prefetch state, corrupt bytes, s3:// reads, and DALI's CPU pipeline against the PIL path."""
+policy, prefetch state, corrupt bytes, s3:// reads, and DALI's pipelines against the PIL path."""
 
 import io
 import json
@@ -152,16 +152,21 @@ def test_reads_shards_through_s3(demo, s3_endpoint, tmp_path):
     local.close()
 
 
-def test_dali_cpu_pipeline_matches_the_pil_path(shards):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="DALI's mixed (nvJPEG) decode needs CUDA"))])
+def test_dali_pipeline_matches_the_pil_path(shards, device):
     pytest.importorskip("nvidia.dali")
     pil = ShardLoader(shards, 12, 0, 1, 64, decoder="pil", prefetch=0)
-    dali = ShardLoader(shards, 12, 0, 1, 64, decoder="dali-cpu", prefetch=0)
+    dali = ShardLoader(shards, 12, 0, 1, 64, decoder=f"dali-{device}", prefetch=1)  # decodes in the loader's thread
     (a,), (b,) = pil.next_step(), dali.next_step()
+    dali.close()
     assert a["key"] == b["key"]
     for view in ("frontal", "lateral"):
+        assert b[view].device == (torch.device("cuda", torch.cuda.current_device()) if device == "gpu"
+                                  else torch.device("cpu"))
         assert torch.equal(a[f"{view}_present"], b[f"{view}_present"])
         present = a[f"{view}_present"]
-        difference = (a[view][present] - b[view][present]).abs()
+        difference = (a[view][present] - b[view][present].cpu()).abs()
         assert difference.mean() < 0.02 and difference.max() < 0.35, (view, float(difference.mean()))
         assert not b[view][~present].any()
 

@@ -13,6 +13,7 @@ from xgem_dist.config import ShardConfig
 from xgem_dist.data.shard import shard
 from xgem_dist.profile.metrics import PHASES, StepProfiler, aggregate, count_flops, peak_tflops
 from xgem_dist.profile.telemetry import TelemetrySampler
+from xgem_dist.storage import write_json
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,12 @@ def test_profile_command_writes_its_report(profiled):
     assert trace["traceEvents"]
     telemetry = (profiled / "run" / "telemetry.jsonl").read_text().splitlines()
     assert telemetry and "host_ram_used_gb" in json.loads(telemetry[0])
+
+
+def test_results_json_replaces_whole_files_only(tmp_path):
+    path = tmp_path / "results" / "bench.json"
+    write_json(str(path), {"img_per_s": 1250.0})
+    with pytest.raises(TypeError):  # fails part-way through serialising: a file written in place would be cut
+        write_json(str(path), {"img_per_s": 1300.0, "decoder": object()})
+    assert json.loads(path.read_text()) == {"img_per_s": 1250.0}
+    assert os.listdir(path.parent) == ["bench.json"]  # no staging left behind

@@ -6,6 +6,8 @@ Object stores: a PUT is atomic, so a file appears whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -83,3 +85,15 @@ class Store:
             f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are shared outputs
         self.put(tmp, name)
+
+
+def write_json(path: str, obj) -> None:
+    """`obj` as indented JSON at a local path or URL, written atomically (results of long runs)."""
+    folder, name = os.path.split(path)
+    store = Store(folder or ".")
+    store.write_bytes(name, json.dumps(obj, indent=1).encode())
+    if store.is_local:
+        with contextlib.suppress(OSError):  # only if empty: another writer may be staging in the same folder
+            os.rmdir(store.staging_dir())
+    else:
+        store.clear_staging()  # this store's own temporary folder

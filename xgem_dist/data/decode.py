@@ -97,9 +97,12 @@ class DALIDecoder:
         self.pipe.feed_input("jpegs", [np.frombuffer(v, dtype=np.uint8) for v in chunk])
         (images,) = self.pipe.run()
         if self.device == "gpu":
+            # the device named, not the calling thread's current one: the loader decodes in its own thread,
+            # whose current device is cuda:0 on every rank of a node
+            device = torch.device("cuda", self.device_id)
             dense = images.as_tensor()
-            target = torch.empty(dense.shape(), dtype=torch.uint8, device="cuda")
-            feed_ndarray(dense, target, cuda_stream=torch.cuda.current_stream())
+            target = torch.empty(dense.shape(), dtype=torch.uint8, device=device)
+            feed_ndarray(dense, target, cuda_stream=torch.cuda.current_stream(device))
             return target
         return torch.from_numpy(np.stack([np.array(t) for t in images]))
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..config import LaunchConfig, TrainConfig
+from ..storage import write_json
 from .report import html_report, summarise, table
 
 
@@ -31,7 +32,7 @@ def profile(train: TrainConfig, launch: LaunchConfig, out: str | Path) -> dict:
     meta = {"model": train.model, "stage": train.stage, "steps": len(steps), "global batch": train.global_batch,
             "image size": train.image_size, "deepspeed": train.deepspeed_config, "launcher": launch.launcher}
     result = {"meta": meta, "summary": summary, "steps": steps}
-    (out / "profile.json").write_text(json.dumps(result, indent=1))
+    write_json(str(out / "profile.json"), result)
     html_report(out / "profile.html", steps, telemetry, summary, meta)
     print(table(summary))
     print(f"wrote {out / 'profile.json'}, {out / 'profile.html'}, TensorBoard in {run_dir / 'tensorboard'}")
