@@ -119,6 +119,7 @@ class ShardLoader:
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.grad_accum, self.image_size, self.seed, self.last_batch = grad_accum, image_size, seed, last_batch
         self.pin_memory, self.prefetch = pin_memory and torch.cuda.is_available(), prefetch
+        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None  # this rank's GPU
         threads = threads if threads > 0 else default_threads()
         self.decoder = make_decoder(decoder, image_size, 2 * global_batch // (world_size * grad_accum), threads)
         self._maps: dict[str, mmap.mmap] = {}  # local shards, mapped once
@@ -190,6 +191,9 @@ class ShardLoader:
 
     def _worker(self) -> None:
         """Decodes step n while a reader thread fetches the bytes of step n + 1; queues at most `prefetch`."""
+        if self._cuda_device is not None:
+            # a new thread starts on cuda:0: pinning there would open a context on GPU 0 for every rank
+            torch.cuda.set_device(self._cuda_device)
         reader = ThreadPoolExecutor(1, thread_name_prefix="xgem-read-ahead")
         try:
             pending: Future = reader.submit(self._read_step)
