@@ -92,6 +92,12 @@ def test_pad_policy_marks_the_missing_rows_invalid(shards):
         ShardLoader(shards, 12, 0, 1, 32, last_batch="repeat")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_dali_gpu_without_a_gpu_says_what_to_use(shards):
+    with pytest.raises(ValueError, match="dali-gpu needs a CUDA GPU; use dali-cpu or pil"):
+        ShardLoader(shards, 12, 0, 1, 32, decoder="dali-gpu")
+
+
 def test_images_presence_and_reports(shards, demo_defects):
     loader = ShardLoader(shards, 51 - 3, 0, 1, 64, prefetch=0)
     (batch,) = loader.next_step()

@@ -81,14 +81,17 @@ def default_threads() -> int:
     return max(2, min(16, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
 
 
-def make_decoder(kind: str, size: int, max_batch: int, threads: int):
+def make_decoder(kind: str, size: int, max_batch: int, threads: int, cuda_device: int | None):
+    """cuda_device: the rank's GPU (None without one), where DALI's GPU decode runs and allocates."""
     if kind == "auto":
-        kind = "dali-gpu" if torch.cuda.is_available() else "pil"
+        kind = "dali-gpu" if cuda_device is not None else "pil"
+    if kind == "dali-gpu" and cuda_device is None:
+        raise ValueError("decoder dali-gpu needs a CUDA GPU; use dali-cpu or pil on this machine")
     if kind == "pil":
         return PILDecoder(size, threads)
     if kind in ("dali-gpu", "dali-cpu"):
         return DALIDecoder(size, max_batch, device=kind.split("-")[1],
-                           device_id=torch.cuda.current_device() if kind == "dali-gpu" else 0, threads=threads)
+                           device_id=cuda_device if kind == "dali-gpu" else 0, threads=threads)
     raise ValueError(f"decoder must be auto, pil, dali-cpu or dali-gpu, got {kind!r}")
 
 
@@ -121,7 +124,8 @@ class ShardLoader:
         self.pin_memory, self.prefetch = pin_memory and torch.cuda.is_available(), prefetch
         self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None  # this rank's GPU
         threads = threads if threads > 0 else default_threads()
-        self.decoder = make_decoder(decoder, image_size, 2 * global_batch // (world_size * grad_accum), threads)
+        self.decoder = make_decoder(decoder, image_size, 2 * global_batch // (world_size * grad_accum), threads,
+                                    self._cuda_device)
         self._maps: dict[str, mmap.mmap] = {}  # local shards, mapped once
         self.tokenizers = tokenizers
         self.epoch, self.consumed = 0, 0  # as of the last step handed out
