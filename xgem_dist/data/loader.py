@@ -121,8 +121,8 @@ class ShardLoader:
             raise ValueError(f"{store.url}: {len(self.samples)} samples, fewer than one global batch ({global_batch})")
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.grad_accum, self.image_size, self.seed, self.last_batch = grad_accum, image_size, seed, last_batch
-        self.pin_memory, self.prefetch = pin_memory and torch.cuda.is_available(), prefetch
         self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None  # this rank's GPU
+        self.pin_memory, self.prefetch = pin_memory and self._cuda_device is not None, prefetch
         threads = threads if threads > 0 else default_threads()
         self.decoder = make_decoder(decoder, image_size, 2 * global_batch // (world_size * grad_accum), threads,
                                     self._cuda_device)
