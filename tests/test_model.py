@@ -142,7 +142,7 @@ def test_temporal_blocks_are_identity_on_images_and_act_on_video():
     # frames only see the past and present through the shifts, and attention mixes all frames
     assert not torch.allclose(block(video)[:, :, 0], block(video.roll(1, dims=2))[:, :, 1])
 
-    clip_block = CLIPTemporalBlock(32, heads=4, dim_head=8)
+    clip_block = CLIPTemporalBlock(32, heads=4)
     for p in clip_block.parameters():
         torch.nn.init.normal_(p, std=0.05)
     tokens = torch.randn(6, 5, 32)
