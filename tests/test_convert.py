@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from xgem_dist.model.convert import from_released, schedule_buffers, to_released
-from xgem_dist.model.xgem import PRESETS, build_xgem
+from xgem_dist.model.xgem import PRESETS, build_xgem, computes_differently, released_function
 
 from .conftest import SHARED
 
@@ -94,6 +94,7 @@ def test_released_checkpoint_file_converts_to_loadable_safetensors_folders(tmp_p
     counts = convert_released_checkpoint(tmp_path / "released.pt", tmp_path / "converted", cfg)
     assert set(counts) == {"unet_frontal", "unet_lateral", "unet_text", "vae", "optimus", "clip"}
     loaded = load_components(tmp_path / "converted")
+    assert computes_differently(loaded.config, released_function(cfg)) == []  # runs as the release computes
     state, again = model.state_dict(), loaded.state_dict()
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
     torch.save({"state_dict": {"weights": [1, 2]}}, tmp_path / "bad.pt")

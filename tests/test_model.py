@@ -142,7 +142,7 @@ def test_temporal_blocks_are_identity_on_images_and_act_on_video():
     # frames only see the past and present through the shifts, and attention mixes all frames
     assert not torch.allclose(block(video)[:, :, 0], block(video.roll(1, dims=2))[:, :, 1])
 
-    clip_block = CLIPTemporalBlock(32, heads=4, dim_head=8)
+    clip_block = CLIPTemporalBlock(32, heads=4)
     for p in clip_block.parameters():
         torch.nn.init.normal_(p, std=0.05)
     tokens = torch.randn(6, 5, 32)
@@ -164,3 +164,49 @@ def test_released_layout_image_unet_equals_lean_on_images():
     env = lean.environment(x, t)
     assert torch.allclose(full(x, t, ctx, env=env), lean(x, t, ctx, env=env), atol=1e-5)
     assert torch.allclose(full.environment(x, t), env, atol=1e-6)
+
+
+@pytest.mark.parametrize("stream", ["unet_frontal", "unet_text"])
+def test_released_skip_mode_feeds_the_middle_output_twice_to_the_first_decoder_block(stream):
+    tiny = build_xgem("tiny", device="meta").config
+    outputs, first_inputs = {}, {}
+    for mode in ("standard", "released"):
+        cfg = dataclasses.replace(tiny, image_unet=dataclasses.replace(tiny.image_unet, skip_mode=mode),
+                                  text_unet=dataclasses.replace(tiny.text_unet, skip_mode=mode))
+        torch.manual_seed(0)
+        unet = getattr(build_xgem(cfg), stream)
+        first = unet.unet.up_blocks[0].resnets[0] if stream == "unet_frontal" else unet.up_resnets[0]
+        first.register_forward_pre_hook(lambda _, args, mode=mode: first_inputs.__setitem__(mode, args[0]))
+        x = torch.randn(2, 4, 16, 16) if stream == "unet_frontal" else torch.randn(2, 32)
+        with torch.no_grad():
+            outputs[mode] = unet(x, torch.tensor([3, 700]), torch.randn(2, 1, 32))
+    for mode, h in first_inputs.items():
+        half = h.shape[1] // 2
+        assert torch.equal(h[:, :half], h[:, half:]) == (mode == "released")
+    assert not torch.allclose(outputs["standard"], outputs["released"])
+
+
+def test_presets_state_how_they_compute_and_old_configs_load_as_they_computed():
+    from xgem_dist.model.export import config_from_dict, config_to_dict
+    from xgem_dist.model.image_unet import ImageUNet, ImageUNetConfig
+    from xgem_dist.model.xgem import PRESETS, XGeMConfig, computes_differently
+
+    released, lean = PRESETS["xgem"], PRESETS["xgem-lean"]
+    assert (released.image_unet.skip_mode, released.text_unet.skip_mode, released.wiring) == ("released",) * 3
+    for name in ("xgem-lean", "tiny"):
+        cfg = PRESETS[name]
+        assert (cfg.image_unet.skip_mode, cfg.text_unet.skip_mode, cfg.wiring) == ("standard", "standard", "paper")
+    assert computes_differently(released, lean) == [
+        "image_unet.skip_mode: 'released' vs 'standard'", "text_unet.skip_mode: 'released' vs 'standard'",
+        "wiring: 'released' vs 'paper'"]
+    data = config_to_dict(released)
+    assert config_from_dict(data) == released
+    del data["wiring"], data["image_unet"]["skip_mode"], data["text_unet"]["skip_mode"]  # a file from before
+    old = config_from_dict(data)
+    assert (old.image_unet.skip_mode, old.text_unet.skip_mode, old.wiring) == ("standard", "standard", "paper")
+    with pytest.raises(ValueError, match="unknown fields"):
+        config_from_dict(config_to_dict(lean) | {"skips": "released"})
+    with pytest.raises(ValueError, match="skip_mode"):
+        ImageUNet(ImageUNetConfig(skip_mode="aliased"))
+    with pytest.raises(ValueError, match="wiring"):
+        XGeMConfig(wiring="swapped")

@@ -167,3 +167,22 @@ def test_export_and_load_with_safetensors_only(tiny, tmp_path):
 
     assert isinstance(AutoencoderKL.from_pretrained(tmp_path / "export" / "vae"), AutoencoderKL)
     assert isinstance(CLIPModel.from_pretrained(tmp_path / "export" / "clip"), CLIPModel)
+
+
+def test_optimus_generate_as_the_released_sampler(tiny):
+    """max_length counts <BOS> and the forced <EOS>; a batch draws sample after sample from one generator."""
+    optimus = tiny.optimus.eval()
+    z = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    batch = optimus.generate(z, max_length=7, generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    one_by_one = [optimus.generate(z[i : i + 1], max_length=7, generator=generator)[0] for i in range(3)]
+    assert batch == one_by_one
+    assert all(len(tokens) <= 5 for tokens in batch) and any(len(tokens) == 5 for tokens in batch)
+    assert all(514 not in tokens and 513 not in tokens for tokens in batch)
+    assert optimus.generate(z, max_length=2, generator=torch.Generator()) == [[], [], []]
+    greedy = optimus.generate(z, max_length=7, greedy=True)
+    assert greedy == optimus.generate(z, max_length=7, greedy=True)
+    # a bf16 model takes fp32 latents; the draws stay on the generator's device
+    bf16 = optimus.to(torch.bfloat16)
+    tokens = bf16.generate(z, max_length=7, generator=torch.Generator().manual_seed(5))
+    assert len(tokens) == 3 and all(len(t) <= 5 for t in tokens)

@@ -108,7 +108,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     attention: str = "auto"  # sdpa | triton | auto (exact single-key path; Triton kernel on CUDA where it applies)
     norm: str = "auto"  # torch | triton | auto (GroupNorm+SiLU fused; on CUDA the faster of Triton and torch per shape)
-    wiring: str = "paper"  # joint stages: connectors attend to the other stream (paper) or their own (released)
+    wiring: str = ""  # joint stages: connectors attend to the other stream (paper) or own (released); "": the model's
     cfg_dropout: float = 0.1
     seed: int = 0
     run_dir: str = "runs/xgem"  # checkpoints/ and tensorboard/ under it (local launchers)

@@ -31,15 +31,19 @@ def config_to_dict(cfg: XGeMConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict) -> XGeMConfig:
-    def build(cls, values: dict):
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = set(values) - set(fields)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+def _checked(cls, values: dict) -> dict:
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
-    return XGeMConfig(**{name: build(cls, data[name]) for name, cls in _COMPONENT_CONFIGS.items()})
+
+def config_from_dict(data: dict) -> XGeMConfig:
+    """Fields a file lacks take the dataclass defaults: files written before `skip_mode` and `wiring`
+    existed load as "standard" and "paper", what the code that wrote them computed."""
+    components = {name: cls(**_checked(cls, data[name])) for name, cls in _COMPONENT_CONFIGS.items()}
+    settings = _checked(XGeMConfig, {k: v for k, v in data.items() if k not in _COMPONENT_CONFIGS})
+    return XGeMConfig(**components, **settings)
 
 
 def save_components(model: XGeM, folder: str | Path) -> None:
@@ -78,11 +82,12 @@ def load_components(folder: str | Path, device: str | torch.device = "cpu") -> X
 def convert_released_checkpoint(checkpoint: str | Path, folder: str | Path,
                                 preset: str | XGeMConfig = "xgem") -> dict[str, int]:
     """A released checkpoint file (torch.save of the state_dict, read with weights_only=True) -> a
-    save_components folder, converted strictly, without building the model in memory."""
+    save_components folder, converted strictly, without building the model in memory. The folder's
+    configuration computes as the released code (released_function), whatever `preset` says."""
     from .convert import from_released
-    from .xgem import PRESETS
+    from .xgem import PRESETS, released_function
 
-    cfg = PRESETS[preset] if isinstance(preset, str) else preset
+    cfg = released_function(PRESETS[preset] if isinstance(preset, str) else preset)
     loaded = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     state = loaded.get("state_dict", loaded.get("model", loaded)) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

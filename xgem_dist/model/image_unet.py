@@ -35,6 +35,25 @@ class ImageUNetConfig:
     norm_num_groups: int = 32
     env_base_channels: int = 160  # environment encoder's first conv
     temporal: bool = False  # the released layout's temporal blocks after every resnet (identity on images)
+    skip_mode: str = "standard"  # or "released": see SKIP_MODES
+
+
+SKIP_MODES = {
+    "standard": "each decoder block concatenates the skip of its mirror encoder block",
+    "released": "as the released UNetMedCoDi_M.forward computes (and its weights were trained): the first decoder "
+                "block concatenates the middle block's output with itself; the last encoder block's skip is unused",
+}
+
+
+def check_skip_mode(mode: str) -> str:
+    if mode not in SKIP_MODES:
+        raise ValueError(f"skip_mode must be one of {sorted(SKIP_MODES)}, got {mode!r}")
+    return mode
+
+
+def decoder_skips(skips: list, middle_output, mode: str) -> list:
+    """The skips the decoder pops, last first."""
+    return skips[:-1] + [middle_output] if mode == "released" else skips
 
 
 def run_block(checkpointing: bool, module: nn.Module, *args, **kwargs):
@@ -67,7 +86,7 @@ class ImageEnvironmentEncoder(nn.Module):
         previous = cfg.env_base_channels
         for i, c in enumerate(channels):
             self.resnets.append(ResnetBlock2D(in_channels=previous, out_channels=c, temb_channels=temb_dim,
-                                              groups=cfg.norm_num_groups))
+                                              groups=cfg.norm_num_groups, eps=1e-5))  # as released
             if i < len(channels) - 1:
                 self.downsamplers.append(Downsample2D(c, use_conv=True, padding=1, name="op"))
             previous = c
@@ -90,6 +109,7 @@ class ImageEnvironmentEncoder(nn.Module):
 class ImageUNet(nn.Module):
     def __init__(self, cfg: ImageUNetConfig = ImageUNetConfig()):
         super().__init__()
+        check_skip_mode(cfg.skip_mode)
         self.config = cfg
         self.gradient_checkpointing = False
         n_attn, levels = cfg.attention_levels, len(cfg.block_out_channels)
@@ -159,6 +179,7 @@ class ImageUNet(nn.Module):
         h = resnet_step(mid.resnets[0], h)
         h = attend(mid.attentions[0], h, context)
         h = resnet_step(mid.resnets[1], h)
+        skips = decoder_skips(skips, h, self.config.skip_mode)
         for block in unet.up_blocks:
             attentions = getattr(block, "attentions", None)
             last = len(block.resnets) - 1

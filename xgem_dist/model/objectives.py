@@ -7,21 +7,13 @@ import math
 import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .clip_preprocess import clip_pixels  # noqa: F401  (the CLIP stage's input, used with the loss)
 from .diffusion import PerSampleRandom
 from .encoders import clip_image_token, clip_text_token
 from .optimus import Optimus
 
 MAX_LOGIT_SCALE = math.log(100.0)
-
-
-def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Grayscale images [B, 1, H, W] in [0, 1] -> CLIP input [B, 3, size, size] (bicubic, CLIP mean/std)."""
-    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    mean = torch.tensor(OPENAI_CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return (x.expand(-1, 3, -1, -1) - mean) / std
 
 
 def clip_contrastive_loss(clip: CLIPModel, input_ids: torch.Tensor, pixel_values: torch.Tensor,

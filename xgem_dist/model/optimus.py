@@ -71,23 +71,30 @@ class Optimus(nn.Module):
     @torch.no_grad()
     def generate(self, z: torch.Tensor, max_length: int = 100, greedy: bool = False,
                  generator: torch.Generator | None = None) -> list[list[int]]:
-        """Token ids per latent, from <BOS> until <EOS> (excluded) or max_length; multinomial at temperature 1
-        (no top-k/top-p filtering) unless greedy."""
+        """Token ids per latent, <BOS> and <EOS> left out, as the released sampler makes them: from <BOS>, one
+        token at a time until <EOS>; max_length counts <BOS> and the <EOS> forced into the last slot, so at
+        most max_length - 2 tokens come back. Multinomial at temperature 1 (no top-k/top-p filtering) unless
+        greedy. The latents are decoded one after the other (all of the first one's draws, then the
+        second's), so a generator seeded as the released sampler's global RNG gives its tokens for the
+        whole batch; the draws are made on the generator's device, whatever the model's."""
         gpt = self.decoder.config
-        ids = torch.full((z.shape[0], 1), gpt.bos_token_id, dtype=torch.long, device=z.device)
-        done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-        for _ in range(max_length):
-            logits = self.decode_logits(z, ids)[:, -1].float()
-            if greedy:
-                token = logits.argmax(-1)
-            else:
-                token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-            token = torch.where(done, torch.full_like(token, gpt.eos_token_id), token)
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            done |= token == gpt.eos_token_id
-            if done.all():
-                break
+        weight = self.latent_to_memory.weight
         out = []
-        for row in ids[:, 1:].tolist():
-            out.append(row[: row.index(gpt.eos_token_id)] if gpt.eos_token_id in row else row)
+        for latent in z.to(device=weight.device, dtype=weight.dtype):
+            ids = torch.full((1, 1), gpt.bos_token_id, dtype=torch.long, device=weight.device)
+            tokens: list[int] = []
+            while True:
+                logits = self.decode_logits(latent[None], ids)[0, -1].float()
+                if greedy:
+                    token = int(logits.argmax())
+                else:
+                    probs = logits.softmax(-1)
+                    if generator is not None:
+                        probs = probs.to(generator.device)
+                    token = int(torch.multinomial(probs, 1, generator=generator))
+                if token == gpt.eos_token_id or ids.shape[1] + 1 >= max_length:
+                    break
+                tokens.append(token)
+                ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+            out.append(tokens)
         return out

@@ -17,7 +17,7 @@ from .diffusion import IMAGE_LATENT_SCALE, TEXT_LATENT_SCALE
 from .encoders import clip_image_token, clip_text_token
 from .objectives import clip_pixels
 from .tokenizers import Tokenizers
-from .xgem import XGeM
+from .xgem import XGeM, check_wiring
 
 MODALITIES = ("text", "frontal", "lateral")
 _LETTER = {"T": "text", "F": "frontal", "L": "lateral"}
@@ -39,7 +39,7 @@ class SamplerConfig:
     steps: int = 50
     eta: float = 1.0
     guidance: float = 7.5
-    wiring: str = "paper"  # or "released"
+    wiring: str = ""  # "paper" | "released"; "": the model's (XGeMConfig.wiring; `xgem`: released)
     image_size: int = 256
     max_report_tokens: int = 100
 
@@ -55,9 +55,8 @@ def ddim_scheduler(steps: int) -> DDIMScheduler:
 
 class Sampler:
     def __init__(self, model: XGeM, tokenizers: Tokenizers, cfg: SamplerConfig = SamplerConfig()):
-        if cfg.wiring not in ("paper", "released"):
-            raise ValueError("wiring must be 'paper' or 'released'")
         self.model, self.tokenizers, self.cfg = model, tokenizers, cfg
+        self.wiring = check_wiring(cfg.wiring or model.config.wiring)
         self.unets = {"text": model.unet_text, "frontal": model.unet_frontal, "lateral": model.unet_lateral}
 
     def _text_tokens(self, texts: list[str]) -> torch.Tensor:
@@ -111,8 +110,8 @@ class Sampler:
             env = {}
             if len(outputs) == 2:
                 own = {m: self.unets[m].environment(torch.cat([latents[m]] * 2), steps) for m in outputs}
-                env = own if self.cfg.wiring == "released" else {outputs[0]: own[outputs[1]],
-                                                                  outputs[1]: own[outputs[0]]}
+                env = own if self.wiring == "released" else {outputs[0]: own[outputs[1]],
+                                                             outputs[1]: own[outputs[0]]}
             for m in outputs:
                 x = torch.cat([latents[m]] * 2)
                 eps_uncond, eps_cond = self.unets[m](x, steps, context, env=env.get(m)).chunk(2)

@@ -4,7 +4,9 @@ XGeM inherits them from CoDi's 8-frame video diffuser (make-a-video style): afte
 in the image VAE decoder and in every CLIP vision layer. On images (4-D tensors) they are the
 identity and get no gradient; on video latents [B, C, T, H, W] they mix information across frames:
 temporal self-attention with a continuous relative-position bias and learned frame embeddings, a
-1x1x1-conv GEGLU feed-forward with a one-frame token shift, and a frame-shift residual block.
+1x1x1-conv GEGLU feed-forward with a one-frame token shift, and a frame-shift residual block. CLIP's
+block has only the attention (no frame embeddings) and the feed-forward (no shift), as released;
+transformers' CLIP layers never call it (xgem_dist encodes images, not video, with CLIP).
 The `xgem-lean` preset leaves them out.
 """
 
@@ -48,10 +50,12 @@ class TemporalAttention(nn.Module):
         self.pos_embeds = nn.Parameter(torch.randn(1, MAX_FRAMES, dim))
         self.frame_rate_embeds = nn.Parameter(torch.randn(1, MAX_FRAMES, dim))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, frame_rate: int) -> torch.Tensor:
-        """x: [N, T, C] (one sequence of T frames per spatial position)."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, frame_rate: int | None) -> torch.Tensor:
+        """x: [N, T, C] (one sequence of T frames per spatial position); the frame position and frame-rate
+        embeddings are added when frame_rate is given."""
         n, t, _ = x.shape
-        x = x + self.pos_embeds[:, :t] + self.frame_rate_embeds[:, frame_rate - 1 : frame_rate]
+        if frame_rate is not None:
+            x = x + self.pos_embeds[:, :t] + self.frame_rate_embeds[:, frame_rate - 1 : frame_rate]
         x = self.norm(x)
         q = self.to_q(x)
         k, v = self.to_kv(x).chunk(2, dim=-1)
@@ -84,7 +88,8 @@ class GEGLU(nn.Module):
 
 
 class TemporalFeedForward(nn.Module):
-    """Pointwise GEGLU MLP over channels; the second half of the hidden channels is shifted one frame."""
+    """Pointwise GEGLU MLP over channels; with frame_dim, the second half of the hidden channels is shifted
+    one frame along it."""
 
     def __init__(self, dim: int, conv: type[nn.Module], mult: int = 4):
         super().__init__()
@@ -93,8 +98,10 @@ class TemporalFeedForward(nn.Module):
         self.proj_in = nn.Sequential(conv(dim, 2 * inner, 1, bias=False), GEGLU())
         self.proj_out = nn.Sequential(ChannelNorm(norm_shape), conv(inner, dim, 1, bias=False))
 
-    def forward(self, x: torch.Tensor, frame_dim: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frame_dim: int | None = None) -> torch.Tensor:
         h = self.proj_in(x)
+        if frame_dim is None:
+            return self.proj_out(h)
         keep, shift = h.chunk(2, dim=1)
         shift = torch.roll(shift, 1, dims=frame_dim).index_fill(
             frame_dim, torch.tensor([0], device=h.device), 0.0)
@@ -148,23 +155,25 @@ class SpatioTemporalBlock(nn.Module):
 
 
 class CLIPTemporalBlock(nn.Module):
-    """The block in each CLIP vision layer: attention across frames per token. Identity without num_frames."""
+    """The block in each CLIP vision layer (between self-attention and MLP): attention across frames per
+    token, then a feed-forward; as released, without the frame embeddings and the frame shift of the UNet's
+    block. Identity without num_frames."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int = 64):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.temporal_attn = TemporalAttention(dim, heads, dim_head)
+        self.temporal_attn = TemporalAttention(dim, heads, dim // heads)
         self.temporal_rel_pos_bias = ContinuousPositionBias(dim // 2, heads)
         self.ff = TemporalFeedForward(dim, nn.Conv1d)
 
-    def forward(self, x: torch.Tensor, num_frames: int | None = None,
-                frame_rate: int = DEFAULT_FRAME_RATE) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         """x: [(B*T), N, C] hidden states of T frames."""
         if num_frames is None:
             return x
         bt, n, c = x.shape
         b = bt // num_frames
         tokens = x.view(b, num_frames, n, c).transpose(1, 2).reshape(b * n, num_frames, c)
-        tokens = tokens + self.temporal_attn(tokens, self.temporal_rel_pos_bias(num_frames), frame_rate)
+        attended = self.temporal_attn(tokens, self.temporal_rel_pos_bias(num_frames), frame_rate=None)
+        tokens = tokens + torch.nan_to_num(attended)
         seq = tokens.transpose(1, 2)  # [B*N, C, T]
-        seq = seq + self.ff(seq, frame_dim=2)
+        seq = seq + self.ff(seq)
         return seq.transpose(1, 2).reshape(b, n, num_frames, c).transpose(1, 2).reshape(bt, n, c)

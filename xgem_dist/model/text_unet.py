@@ -15,7 +15,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from .image_unet import run_block
+from .image_unet import check_skip_mode, decoder_skips, run_block
 from .norm import GroupNorm
 
 TOKENS = 4
@@ -32,6 +32,7 @@ class TextUNetConfig:
     connector_dim: int = 1280
     norm_num_groups: int = 32
     env_base_channels: int = 160
+    skip_mode: str = "standard"  # or "released": see image_unet.SKIP_MODES
 
 
 class FCResBlock(nn.Module):
@@ -91,6 +92,7 @@ class TextEnvironmentEncoder(nn.Module):
 class TextUNet(nn.Module):
     def __init__(self, cfg: TextUNetConfig = TextUNetConfig()):
         super().__init__()
+        check_skip_mode(cfg.skip_mode)
         self.config = cfg
         self.gradient_checkpointing = False
         chans, groups, n = cfg.block_out_channels, cfg.norm_num_groups, cfg.layers_per_block
@@ -181,6 +183,7 @@ class TextUNet(nn.Module):
         h = resnet_step(self.mid_resnets[0], h)
         h = attend(h, True, self.mid_attention)
         h = resnet_step(self.mid_resnets[1], h)
+        skips = decoder_skips(skips, h, cfg.skip_mode)
         resnets, attentions, connectors = iter(self.up_resnets), iter(self.up_attentions), iter(self.up_connectors)
         for i, level in enumerate(reversed(range(levels))):
             with_attention = level < cfg.attention_levels

@@ -1,13 +1,16 @@
 """The XGeM components assembled, and the presets. Knows nothing of DeepSpeed or Ray.
 
-Presets: `xgem` is the released layout (6,675,152,326 parameters), including the temporal ("video")
-blocks that are the identity on images; `xgem-lean` leaves those out (5,112,897,456); `tiny` has the
-lean structure in under 5M parameters for CPU tests.
+Presets: `xgem` is the released model (6,675,152,326 parameters): its layout, including the temporal
+("video") blocks that are the identity on images, and its function (`skip_mode="released"`,
+`wiring="released"`), so converted released weights compute what they were trained to compute.
+`xgem-lean` leaves the temporal blocks out (5,112,897,456) and is the design for training from scratch
+(the standard U-Net skips, the paper's wiring); `tiny` is that design in under 5M parameters for CPU tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +22,14 @@ from .image_unet import ImageUNet, ImageUNetConfig
 from .optimus import Optimus, OptimusConfig
 from .text_unet import TextUNet, TextUNetConfig
 
+WIRINGS = ("paper", "released")
+
+
+def check_wiring(wiring: str) -> str:
+    if wiring not in WIRINGS:
+        raise ValueError(f"wiring must be one of {WIRINGS}, got {wiring!r}")
+    return wiring
+
 
 @dataclass(frozen=True)
 class XGeMConfig:
@@ -27,12 +38,24 @@ class XGeMConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     optimus: OptimusConfig = field(default_factory=OptimusConfig)
     clip: CLIPTowersConfig = field(default_factory=CLIPTowersConfig)
+    # joint generation: each stream's connectors attend to the other stream's environment vector ("paper")
+    # or to their own ("released", how the released connectors were trained)
+    wiring: str = "paper"
+
+    def __post_init__(self):
+        check_wiring(self.wiring)
+
+
+def released_function(cfg: XGeMConfig) -> XGeMConfig:
+    """cfg computing what the released code computes: its UNet skips and its wiring."""
+    return dataclasses.replace(cfg, image_unet=dataclasses.replace(cfg.image_unet, skip_mode="released"),
+                               text_unet=dataclasses.replace(cfg.text_unet, skip_mode="released"), wiring="released")
 
 
 _TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 PRESETS: dict[str, XGeMConfig] = {
-    "xgem": XGeMConfig(image_unet=ImageUNetConfig(temporal=True), vae=VAEConfig(temporal=True),
-                       clip=CLIPTowersConfig(temporal=True)),
+    "xgem": released_function(XGeMConfig(image_unet=ImageUNetConfig(temporal=True), vae=VAEConfig(temporal=True),
+                                         clip=CLIPTowersConfig(temporal=True))),
     "xgem-lean": XGeMConfig(),
     "tiny": XGeMConfig(
         image_unet=ImageUNetConfig(block_out_channels=(16, 32, 32, 32), num_heads=2, context_dim=32,
@@ -84,6 +107,14 @@ def build_xgem(preset: str | XGeMConfig, device: str | torch.device | None = Non
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     with torch.device(device) if device else contextlib.nullcontext():
         return XGeM(cfg, init_context)
+
+
+def computes_differently(a: XGeMConfig, b: XGeMConfig) -> list[str]:
+    """The settings in which two configurations of the same weights compute different functions (for a
+    resume or an initialisation that must not switch them)."""
+    pairs = {"image_unet.skip_mode": (a.image_unet.skip_mode, b.image_unet.skip_mode),
+             "text_unet.skip_mode": (a.text_unet.skip_mode, b.text_unet.skip_mode), "wiring": (a.wiring, b.wiring)}
+    return [f"{name}: {x!r} vs {y!r}" for name, (x, y) in pairs.items() if x != y]
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

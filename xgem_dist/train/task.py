@@ -24,10 +24,11 @@ JOINT_STREAMS = {"joint-text": ("text", "lateral", "frontal"), "joint-frontal": 
 
 class TrainingTask(nn.Module):
     def __init__(self, model: XGeM, stage: str, tokenizers: Tokenizers, total_steps: int,
-                 wiring: str = "paper", cfg_dropout: float = 0.1):
+                 wiring: str = "", cfg_dropout: float = 0.1):
         super().__init__()
         self.model, self.stage, self.tokenizers = model, stage, tokenizers
-        self.total_steps, self.wiring, self.policy = total_steps, wiring, PromptPolicy(cfg_dropout)
+        self.total_steps, self.policy = total_steps, PromptPolicy(cfg_dropout)
+        self.wiring = wiring or model.config.wiring  # "": the model's (XGeMConfig.wiring)
         self.scheduler = training_scheduler()
         self.step = 0  # set by the loop: the Optimus KL weight follows it
         self.unets = {"frontal": model.unet_frontal, "lateral": model.unet_lateral, "text": model.unet_text}
