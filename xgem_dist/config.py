@@ -98,7 +98,8 @@ class TrainConfig:
     pin_memory: bool = True
     global_batch: int = 8
     grad_accum: int = 1
-    steps: int = 20
+    steps: int = 20  # the schedule's horizon (LR warm-up/cosine, Optimus KL cycle)
+    stop_at: int = 0  # >0: end this run after this step with a checkpoint (the schedule still spans `steps`)
     lr: float = 1e-4
     weight_decay: float = 1e-4
     warmup_ratio: float = 0.2  # linear warm-up over this share of the steps, then cosine to 0
@@ -111,10 +112,16 @@ class TrainConfig:
     wiring: str = ""  # joint stages: connectors attend to the other stream (paper) or own (released); "": the model's
     cfg_dropout: float = 0.1
     seed: int = 0
+    # where the weights come from before step 1: "" (random init, seeded), a component folder (convert-released,
+    # export, save_components), and/or per-component sources "vae=DIR,clip=DIR,unet_frontal=DIR" in their
+    # libraries' save_pretrained layouts; a folder given first fills the components not named
+    init_from: str = ""
     run_dir: str = "runs/xgem"  # checkpoints/ and tensorboard/ under it (local launchers)
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto (latest in run_dir or Ray's) | none | a checkpoint folder
+    # fields a resume may change although they change the trajectory (e.g. "lr,steps"); others are refused
+    allow_changes: str = ""
     log_every: int = 1
     profile_flops: bool = True  # count the step's FLOPs once (meta device) for TFLOP/s and MFU
     peak_tflops: float = 0.0  # override the device's peak (0: from the built-in table)
