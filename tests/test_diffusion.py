@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from xgem_dist.model.diffusion import (PROMPT_BOTH, PROMPT_IMAGE, PROMPT_TEXT, PerSampleRandom, PromptPolicy,
+from xgem_dist.model.diffusion import (PROMPT_BOTH, PROMPT_IMAGE, PROMPT_TEXT, GlobalBatch, PerSampleRandom, PromptPolicy,
                                        image_latents, joint_loss, multi_prompt_context, stream_loss, text_latents,
                                        training_scheduler)
 from xgem_dist.model.xgem import build_xgem
@@ -44,7 +44,13 @@ def test_multi_prompt_frequencies_and_cfg_dropout_rate():
 
 def test_latent_encoders_scale_and_shapes(tiny):
     images = torch.rand(2, 1, 64, 64) * 2 - 1
-    assert image_latents(tiny.vae, images).shape == (2, 4, 16, 16)
+    latents = image_latents(tiny.vae, images, PerSampleRandom([1, 2]))
+    assert latents.shape == (2, 4, 16, 16)
+    # the posterior's noise is each sample's own: the same seeds give the same latents in any batch
+    again = torch.cat([image_latents(tiny.vae, images[:1], PerSampleRandom([1])),
+                       image_latents(tiny.vae, images[1:], PerSampleRandom([2]))])
+    assert torch.allclose(latents, again, atol=1e-6)
+    assert not torch.allclose(latents, image_latents(tiny.vae, images, PerSampleRandom([3, 4])))
     ids = torch.randint(0, 512, (2, 12))
     tiny.optimus.eval()  # no dropout: two encodings of the same ids agree
     z = text_latents(tiny.optimus, ids)
@@ -87,6 +93,22 @@ def test_joint_loss_trains_connectors_and_wiring_differs(tiny):
     assert losses["paper"] != losses["released"]
     with pytest.raises(ValueError):
         joint_loss(unets, training_scheduler(), x0s, context, PerSampleRandom([1, 2, 3]), "swapped")
+
+
+def test_global_batch_shares_add_up_to_the_whole_batch_mean_and_gradient():
+    per_sample = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], requires_grad=True)
+    weights = torch.tensor([True, False, True, True, True, False])
+    whole = GlobalBatch().mean(per_sample, weights)
+    (whole_grad,) = torch.autograd.grad(whole, per_sample)
+    # 3 ranks x 2 micro-batches of one sample each; the engine averages gradients over the 6 shares
+    shares = GlobalBatch(weight_total=float(weights.sum()), shares=6, world_size=3)
+    parts = [shares.mean(per_sample[i:i + 1], weights[i:i + 1]) for i in range(6)]
+    assert sum(p.item() for p in parts) / 6 == pytest.approx(whole.item())
+    (split_grad,) = torch.autograd.grad(sum(parts) / 6, per_sample)
+    assert torch.allclose(split_grad, whole_grad)
+    assert whole.item() == pytest.approx((1 + 3 + 4 + 5) / 4)
+    with pytest.raises(ValueError, match="grad_accum 1"):
+        shares.contrastive(torch.randn(1, 4), torch.randn(1, 4))
 
 
 def test_per_sample_draws_do_not_depend_on_the_batch_they_land_in():

@@ -65,7 +65,11 @@ def test_peak_table_and_aggregation():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989 and peak_tflops("NVIDIA H100 PCIe") == 756
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312 and peak_tflops("NVIDIA H200") == 989
     assert peak_tflops("some CPU") is None and peak_tflops("NVIDIA H100 PCIe", override=700.0) == 700.0
-    assert aggregate({"x": 2.0}, world_size=1) == {"x": {"min": 2.0, "median": 2.0, "max": 2.0}}
+    assert aggregate({"x": 2.0}) == {"x": {"min": 2.0, "median": 2.0, "max": 2.0}}
+    # only rank 0 has an MFU figure: the others' rows lack it, and it is summarised over the ranks that have it
+    ranks = [{"x": 2.0, "mfu": 0.4}, {"x": 4.0}, {"x": 9.0}]
+    assert aggregate(ranks[0], gather=lambda _: ranks) == {"x": {"min": 2.0, "median": 4.0, "max": 9.0},
+                                                           "mfu": {"min": 0.4, "median": 0.4, "max": 0.4}}
 
 
 def test_telemetry_without_nvml_says_so_and_keeps_sampling():

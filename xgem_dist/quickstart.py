@@ -41,13 +41,14 @@ def quickstart(workdir: str | Path, steps: int = 8) -> int:
     gpu = torch.cuda.is_available()
     run_dir = workdir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo always trains from scratch
-    train = TrainConfig(model="tiny", stage="frontal", shards=str(shards), run_dir=str(run_dir), steps=steps,
-                        global_batch=4, checkpoint_every=2, fail_at_step=steps // 2 + 1, lr=3e-4)
+    # one schedule over steps + 4; the 2-worker part stops at `steps`, the 1-worker part finishes it
+    train = TrainConfig(model="tiny", stage="frontal", shards=str(shards), run_dir=str(run_dir), steps=steps + 4,
+                        stop_at=steps, global_batch=4, checkpoint_every=2, fail_at_step=steps // 2 + 1, lr=3e-4)
     launch = LaunchConfig(num_workers=2, use_gpu=gpu, name="quickstart", max_failures=2, cpus_per_worker=1)
     first = launch_ray(train, launch)
     print(f"[3/5] 2 workers: a worker was killed at step {train.fail_at_step}; Ray restarted the group and it "
           f"finished step {first['metrics'].get('step')} -> {first['checkpoint']}")
-    more = dataclasses.replace(train, steps=steps + 4, fail_at_step=-1)
+    more = dataclasses.replace(train, stop_at=0, fail_at_step=-1)
     second = launch_ray(more, dataclasses.replace(launch, num_workers=1))
     print(f"[4/5] 1 worker: resumed from the 2-worker checkpoint and finished step {second['metrics'].get('step')} "
           f"-> {second['checkpoint']}")

@@ -8,7 +8,7 @@ streams couple only through the shared context and the contrastive loss on the v
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,17 +43,59 @@ class PerSampleRandom:
         return torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(self.device)
 
 
+@dataclass(frozen=True)
+class GlobalBatch:
+    """How one micro-batch's per-sample losses become its share of the loss over the whole global batch (every
+    rank and accumulated micro-batch), so that loss and gradient do not depend on the world size or the
+    accumulation. The engine averages gradients over `shares` (ranks x micro-batches), so each micro-batch
+    returns `shares` times its part of the global figure.
+
+    weight_total: the samples that have the target in the global batch (None: this micro-batch's own);
+    gather: every rank's rows, with gradients back to this rank's rows (identity on one rank)."""
+
+    weight_total: float | None = None
+    shares: int = 1
+    world_size: int = 1
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows
+
+    def mean(self, per_sample: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        weights = torch.ones_like(per_sample) if weights is None else weights.to(per_sample)
+        total = weights.sum().clamp(min=1) if self.weight_total is None else max(float(self.weight_total), 1.0)
+        return self.shares * (per_sample * weights).sum() / total
+
+    def contrastive(self, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor | None = None,
+                    scale: torch.Tensor | float = 1.0, symmetric: bool = False) -> torch.Tensor:
+        """Cross-entropy of scale * a @ b.T over the rows of the whole global batch where `rows` is true."""
+        if self.shares != self.world_size:
+            raise ValueError("a contrastive loss over the global batch needs grad_accum 1")
+        rows = torch.ones(a.shape[0], dtype=torch.bool, device=a.device) if rows is None else rows
+        keep = self.gather(rows.to(a.dtype).unsqueeze(1)).squeeze(1).detach() > 0
+        every_a, every_b = self.gather(a), self.gather(b)
+        a, b = every_a[keep], every_b[keep]
+        if a.shape[0] == 0:
+            return (every_a.sum() + every_b.sum()) * 0.0
+        logits = scale * a @ b.T
+        labels = torch.arange(a.shape[0], device=a.device)
+        loss = F.cross_entropy(logits.float(), labels)
+        if symmetric:
+            loss = (loss + F.cross_entropy(logits.T.float(), labels)) / 2
+        return self.shares * loss / self.world_size
+
+
 def training_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type="epsilon")
 
 
 @torch.no_grad()
-def image_latents(vae, images: torch.Tensor) -> torch.Tensor:
-    """images [B, 1 or 3, H, W] in [-1, 1] -> scaled VAE latent sample [B, 4, H/8, W/8]."""
+def image_latents(vae, images: torch.Tensor, rng: PerSampleRandom) -> torch.Tensor:
+    """images [B, 1 or 3, H, W] in [-1, 1] -> scaled VAE latent sample [B, 4, H/8, W/8], the posterior's
+    noise drawn from each sample's own generator."""
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    return vae.encode(images).latent_dist.sample() * IMAGE_LATENT_SCALE
+    posterior = vae.encode(images).latent_dist
+    noise = rng.randn(posterior.mean.shape[1:], dtype=posterior.mean.dtype).to(posterior.mean.device)
+    return (posterior.mean + posterior.std * noise) * IMAGE_LATENT_SCALE
 
 
 @torch.no_grad()
@@ -94,31 +136,25 @@ def noisy(scheduler: DDPMScheduler, x0: torch.Tensor, rng: PerSampleRandom,
     return scheduler.add_noise(x0, noise, t), noise, t
 
 
-def eps_mse(prediction: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over each sample's latent, then over the batch (weighted: over the samples with weight)."""
-    per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").flatten(1).mean(1)
-    if weights is None:
-        return per_sample.mean()
-    weights = weights.to(per_sample)
-    return (per_sample * weights).sum() / weights.sum().clamp(min=1)
+def eps_mse(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per sample: the mean over its latent [B]."""
+    return F.mse_loss(prediction.float(), noise.float(), reduction="none").flatten(1).mean(1)
 
 
 def stream_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, context: torch.Tensor,
-                rng: PerSampleRandom, weights: torch.Tensor | None = None) -> torch.Tensor:
+                rng: PerSampleRandom, weights: torch.Tensor | None = None,
+                batch: GlobalBatch = GlobalBatch()) -> torch.Tensor:
     """Single-stream denoising loss (connectors unused); weights mask samples that lack the target."""
     x_t, noise, t = noisy(scheduler, x0, rng)
-    return eps_mse(unet(x_t, t, context), noise, weights)
-
-
-def environment_contrastive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over cosine similarities of paired environment vectors (no temperature, as released)."""
-    logits = a.squeeze(1) @ b.squeeze(1).T
-    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+    return batch.mean(eps_mse(unet(x_t, t, context), noise), weights)
 
 
 def joint_loss(unets: list, scheduler: DDPMScheduler, x0s: list[torch.Tensor], context: torch.Tensor,
-               rng: PerSampleRandom, wiring: str = "paper", weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Two streams denoised together with a shared t: (MSE_a + MSE_b + 2 * contrastive) / 2."""
+               rng: PerSampleRandom, wiring: str = "paper", weights: torch.Tensor | None = None,
+               batch: GlobalBatch = GlobalBatch()) -> torch.Tensor:
+    """Two streams denoised together with a shared t: (MSE_a + MSE_b + 2 * contrastive) / 2; the contrastive
+    term is a cross-entropy over the environment vectors' cosine similarities (no temperature, as released)
+    across the global batch's samples that have both streams."""
     if len(unets) != 2 or wiring not in ("paper", "released"):
         raise ValueError("joint_loss takes two streams and wiring 'paper' or 'released'")
     t = rng.randint(scheduler.config.num_train_timesteps).to(x0s[0].device)
@@ -129,6 +165,6 @@ def joint_loss(unets: list, scheduler: DDPMScheduler, x0s: list[torch.Tensor], c
         noises.append(noise)
     envs = [unet.environment(x_t, t) for unet, x_t in zip(unets, x_ts)]
     attend = envs[::-1] if wiring == "paper" else envs
-    mse = sum(eps_mse(unet(x_t, t, context, env=env), n, weights)
+    mse = sum(batch.mean(eps_mse(unet(x_t, t, context, env=env), n), weights)
               for unet, x_t, env, n in zip(unets, x_ts, attend, noises))
-    return (mse + 2 * environment_contrastive(envs[0], envs[1])) / 2
+    return (mse + 2 * batch.contrastive(envs[0].squeeze(1), envs[1].squeeze(1), weights)) / 2

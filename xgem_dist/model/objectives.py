@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 
 from .clip_preprocess import clip_pixels  # noqa: F401  (the CLIP stage's input, used with the loss)
-from .diffusion import PerSampleRandom
+from .diffusion import GlobalBatch, PerSampleRandom
 from .encoders import clip_image_token, clip_text_token
 from .optimus import Optimus
 
@@ -17,13 +17,13 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 
 def clip_contrastive_loss(clip: CLIPModel, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE between report and image tokens with CLIP's learnable temperature."""
+                          attention_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                          batch: GlobalBatch = GlobalBatch()) -> torch.Tensor:
+    """Symmetric InfoNCE between report and image tokens with CLIP's learnable temperature, over the global
+    batch's rows where `rows` is true."""
     text = clip_text_token(clip, input_ids, attention_mask).squeeze(1)
     image = clip_image_token(clip, pixel_values).squeeze(1)
-    logits = clip.logit_scale.exp() * image @ text.T
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return batch.contrastive(image, text, rows, scale=clip.logit_scale.exp(), symmetric=True)
 
 
 @torch.no_grad()
@@ -43,9 +43,10 @@ def cyclic_beta(step: int, total_steps: int, cycles: int = 1, ratio_zero: float 
 
 
 def optimus_loss(optimus: Optimus, bert_ids: torch.Tensor, gpt_ids: torch.Tensor, beta: float,
-                 rng: PerSampleRandom, bert_mask: torch.Tensor | None = None,
-                 dim_target_kl: float = 3.0) -> dict[str, torch.Tensor]:
-    """Token cross-entropy (summed over each report, padding ignored) + beta * KL, averaged over the batch.
+                 rng: PerSampleRandom, bert_mask: torch.Tensor | None = None, dim_target_kl: float = 3.0,
+                 weights: torch.Tensor | None = None, batch: GlobalBatch = GlobalBatch()) -> dict[str, torch.Tensor]:
+    """Token cross-entropy (summed over each report, padding ignored) + beta * KL, averaged over the batch's
+    samples with weight.
 
     While beta is 0 the full KL is reported; once beta > 0 only the (sample, dimension) terms above
     dim_target_kl count (free bits), as in the released recipe.
@@ -61,4 +62,5 @@ def optimus_loss(optimus: Optimus, bert_ids: torch.Tensor, gpt_ids: torch.Tensor
     if beta > 0:
         kl = kl * (kl > dim_target_kl)
     kl = kl.sum(1)
-    return {"loss": (reconstruction + beta * kl).mean(), "reconstruction": reconstruction.mean(), "kl": kl.mean()}
+    return {"loss": batch.mean(reconstruction + beta * kl, weights), "reconstruction": reconstruction.mean(),
+            "kl": kl.mean()}

@@ -117,12 +117,13 @@ class StepProfiler:
         return record
 
 
-def aggregate(values: dict[str, float], world_size: int) -> dict[str, dict[str, float]]:
-    """{name: {min, median, max}} of each figure over the ranks (a collective: every rank calls)."""
-    if world_size > 1 and torch.distributed.is_initialized():
-        gathered: list = [None] * world_size
-        torch.distributed.all_gather_object(gathered, values)
-    else:
-        gathered = [values]
-    return {k: {"min": min(g[k] for g in gathered), "median": statistics.median(g[k] for g in gathered),
-                "max": max(g[k] for g in gathered)} for k in values}
+def aggregate(values: dict[str, float], gather=lambda v: [v]) -> dict[str, dict[str, float]]:
+    """{name: {min, median, max}} of each figure over the ranks that have it (some figures, e.g. MFU, only
+    rank 0 knows). gather: every rank's dict (a collective: every rank calls it)."""
+    gathered = gather(values)
+    names = sorted({name for g in gathered for name in g})
+    out = {}
+    for name in names:
+        present = [g[name] for g in gathered if name in g]
+        out[name] = {"min": min(present), "median": statistics.median(present), "max": max(present)}
+    return out

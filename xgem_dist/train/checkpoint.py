@@ -52,17 +52,43 @@ def to_universal(folder: str | Path, scratch: str | Path) -> Path:
     return scratch
 
 
-def rng_state() -> str:
-    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+def _encode(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict:
+    """This rank's global generators (only dropout in trainable modules draws from them: everything else
+    draws from per-sample seeds)."""
+    return {"torch": _encode(torch.get_rng_state()),
+            "cuda": _encode(torch.cuda.get_rng_state()) if torch.cuda.is_available() else None}
+
+
+def restore_rng(saved: list | str, rank: int, world_size: int) -> None:
+    """Restores this rank's generators when the checkpoint has one state per rank of this world size."""
+    if not isinstance(saved, list) or len(saved) != world_size:
+        log.warning("the checkpoint's RNG states are for another world size: dropout masks in trainable modules "
+                    "(if any) continue from fresh generators")
+        return
+    torch.set_rng_state(_decode(saved[rank]["torch"]))
+    if saved[rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_decode(saved[rank]["cuda"]))
 
 
 def fingerprint(engine) -> dict[str, dict[str, torch.Tensor]]:
-    """Full fp32 parameters and Adam moments of every trainable parameter (a collective: all ranks call)."""
+    """Full fp32 parameters and Adam moments of every trainable parameter, and every frozen parameter as the
+    model holds it (a collective: all ranks call)."""
+    from deepspeed import zero
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
+            with zero.GatheredParameters([param] if hasattr(param, "ds_id") else []):
+                out[name] = {"param": param.detach().cpu().clone()}
             continue
         out[name] = {"param": safe_get_full_fp32_param(param).detach().cpu().clone()}
         for key in ("exp_avg", "exp_avg_sq"):

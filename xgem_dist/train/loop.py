@@ -16,17 +16,49 @@ from tqdm import tqdm
 
 from ..config import TrainConfig, config_hash
 from ..data.loader import ShardLoader
+from ..model.diffusion import GlobalBatch
+from ..model.export import config_to_dict
 from ..model.tokenizers import Tokenizers, load_tokenizers, train_small_tokenizers
 from ..profile.metrics import StepProfiler, aggregate, count_flops, peak_tflops
 from ..profile.report import MetricSinks
 from ..profile.telemetry import TelemetrySampler
-from .checkpoint import CheckpointManager, fingerprint, rng_state
+from .checkpoint import CheckpointManager, fingerprint, restore_rng, rng_state
+from .collectives import Collectives
 from .engine import build_engine, init_distributed
 
 log = logging.getLogger(__name__)
-# fields that may change between a run and its resumption without changing what is trained
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "fail_at_step",
-                     "fail_in_save_at_step", "fingerprints", "run_dir")
+# fields that may change between a run and its resumption without changing its trajectory: where and how
+# often it writes, what it measures, how it reads and computes the same numbers
+RESUMABLE_CHANGES = ("run_dir", "resume", "allow_changes", "stop_at", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "profile_flops", "peak_tflops", "trace_steps", "telemetry_interval_s",
+                     "fail_at_step", "fail_in_save_at_step", "fingerprints", "shards", "decoder", "loader_threads",
+                     "prefetch", "pin_memory", "attention", "norm", "activation_checkpointing", "deepspeed_config")
+CONTRASTIVE_STAGES = ("clip", "joint-text", "joint-frontal", "joint-lateral")
+
+
+def check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    """Refuses a resume whose settings would change the trajectory the checkpoint is on (steps, lr, batch,
+    stage, seed, init_from, ...), unless `allow_changes` names every such field."""
+    now = dataclasses.asdict(cfg)
+    allowed = {name.strip() for name in cfg.allow_changes.split(",") if name.strip()}
+    changed = [name for name in now if name not in RESUMABLE_CHANGES and name in saved and saved[name] != now[name]]
+    refused = [name for name in changed if name not in allowed]
+    if refused:
+        details = ", ".join(f"{name}: {saved[name]!r} -> {now[name]!r}" for name in refused)
+        raise ValueError(f"the checkpoint was trained with other settings ({details}); resuming would change its "
+                         f"trajectory. Use the saved values, or accept the change with "
+                         f"--set allow_changes={','.join(refused)}")
+    if changed:
+        log.warning("resuming with changed settings (allowed): %s", ", ".join(changed))
+
+
+def check_stage_settings(cfg: TrainConfig, world: int) -> None:
+    if cfg.stage in CONTRASTIVE_STAGES and cfg.grad_accum != 1:
+        raise ValueError(f"stage {cfg.stage!r} has a contrastive loss over the whole global batch, which needs "
+                         f"grad_accum 1 (got {cfg.grad_accum}); raise the number of ranks or lower global_batch")
+    if cfg.global_batch % (world * cfg.grad_accum):
+        raise ValueError(f"global_batch {cfg.global_batch} is not divisible by world size {world} x grad_accum "
+                         f"{cfg.grad_accum}")
 
 
 def _tokenizers(cfg: TrainConfig, reader: ShardLoader) -> Tokenizers:
@@ -63,15 +95,14 @@ class _Termination:
     def _handle(self, *_):
         self.requested = True
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([int(self.requested)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self, collectives: Collectives) -> bool:
+        return collectives.any(self.requested)
 
 
 def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
     """Train cfg.stage of cfg.model from cfg.shards; returns a summary (rank 0's view)."""
     rank, world, local_rank = init_distributed(timeout_s)
+    check_stage_settings(cfg, world)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     reader = ShardLoader(cfg.shards, cfg.global_batch, rank, world, cfg.image_size, cfg.grad_accum, cfg.seed,
@@ -82,17 +113,18 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
     our_hash = config_hash(cfg, exclude=RESUMABLE_CHANGES)
     start, resumed_from = 0, None
     with checkpoints.latest(cfg.resume) as folder:
+        if folder is not None:
+            state = CheckpointManager.read_state(folder)
+            check_resumable(state["config"], cfg)
         load_from, universal = (None, False) if folder is None else checkpoints.prepare(folder, local_rank)
         engine = build_engine(cfg, tokenizers, world, universal)
+        collectives = Collectives(engine.device, world)
         if folder is not None:
             path, _ = engine.load_checkpoint(str(load_from))
             if path is None:
                 raise RuntimeError(f"{load_from}: DeepSpeed found no checkpoint to load")
-            state = CheckpointManager.read_state(folder)
-            if state["config_hash"] != our_hash:
-                log.warning("resuming %s under a different configuration (hash %s, now %s)", folder,
-                            state["config_hash"], our_hash)
             reader.load_state_dict(state["data"])
+            restore_rng(state["rng"], rank, world)
             start, resumed_from = state["step"], str(folder)
             if rank == 0:
                 log.warning("resumed from %s at step %d (saved by %d rank(s), now %d%s)", folder, start,
@@ -105,16 +137,21 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
     profiler = StepProfiler(peak=peak_tflops(telemetry.device_name if telemetry else None, cfg.peak_tflops))
     trace = _TraceWindow(cfg.trace_steps, run_dir / f"trace-rank{rank}.json")
     termination = _Termination()
+    task = engine.module
     losses, samples, t0 = [], 0, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", disable=rank != 0, unit="step")
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
+    bar = tqdm(total=end, initial=start, desc=f"train {cfg.stage}", disable=rank != 0, unit="step")
     step = start
-    for step in range(start, cfg.steps):
+    for step in range(start, end):
         trace.before(step + 1)
         profiler.begin_step()
-        engine.module.step = step
-        step_loss = torch.zeros(())
+        task.step = step
+        step_loss = torch.zeros((), device=engine.device)
         with profiler.phase("data"):
             micros = reader.next_step()
+            counted = sum(int(task.target_weights(micro).sum()) for micro in micros)
+            task.global_batch = GlobalBatch(collectives.sum(counted).item(), world * cfg.grad_accum, world,
+                                            collectives.gather_rows)
         if cfg.profile_flops and profiler.flops_per_step is None:
             with profiler.excluded():
                 profiler.flops_per_step = cfg.grad_accum * _micro_flops(cfg, tokenizers, micros[0])
@@ -127,19 +164,19 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
                 engine.backward(loss)
             with profiler.phase("optimizer"):
                 engine.step()
-            step_loss += loss.detach().float().cpu() / cfg.grad_accum
-        torch.distributed.all_reduce(step_loss)
-        step_loss /= world
+            step_loss += loss.detach().float() / (world * cfg.grad_accum)
+        step_loss = collectives.sum(step_loss)  # each micro-batch returned its share of the global mean
         losses.append(step_loss.item())
         samples += cfg.global_batch
         bar.update()
         if step + 1 == cfg.fail_at_step and rank == world - 1 and _once(cfg.run_dir, "failed_at_step"):
             os._exit(1)
-        stop = termination.agreed()
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
+        stop = termination.agreed(collectives)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end or stop:
             state = {"step": step + 1, "samples_consumed": reader.epoch * len(reader.samples) + reader.consumed,
-                     "data": reader.state_dict(), "rng": rng_state(), "world_size": world,
-                     "config_hash": our_hash, "config": dataclasses.asdict(cfg)}
+                     "data": reader.state_dict(), "rng": collectives.gather_objects(rng_state()), "world_size": world,
+                     "config_hash": our_hash, "config": dataclasses.asdict(cfg),
+                     "model_config": config_to_dict(task.model.config)}
             if cfg.fingerprints:
                 _dump(engine, run_dir / f"fingerprint-save-step{step + 1}-w{world}.pt", rank)
             fail = step + 1 == cfg.fail_in_save_at_step and rank == world - 1 and _once(cfg.run_dir, "failed_in_save")
@@ -150,7 +187,7 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
         trace.after(step + 1)
         if (step + 1) % cfg.log_every == 0:
             figures = {f"profile/{k}": v for k, v in record.as_dict().items() if k != "step"}
-            spread = aggregate(figures, world)
+            spread = aggregate(figures, collectives.gather_objects)
             if sinks is not None:
                 row = {"train/loss": step_loss.item(), "train/lr": engine.get_lr()[0]}
                 for name, stats in spread.items():
@@ -168,7 +205,7 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
             f.writelines(json.dumps(row) + "\n" for row in samples_taken)
     seconds = time.perf_counter() - t0
     summary = {"stage": cfg.stage, "model": cfg.model, "world_size": world, "start_step": start,
-               "end_step": step + 1 if cfg.steps > start else start, "resumed_from": resumed_from,
+               "end_step": step + 1 if end > start else start, "resumed_from": resumed_from,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "samples_per_s": samples / seconds if seconds > 0 else 0.0,
                "skipped_views": reader.skipped_views}
