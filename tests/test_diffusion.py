@@ -109,6 +109,12 @@ def test_global_batch_shares_add_up_to_the_whole_batch_mean_and_gradient():
     assert whole.item() == pytest.approx((1 + 3 + 4 + 5) / 4)
     with pytest.raises(ValueError, match="grad_accum 1"):
         shares.contrastive(torch.randn(1, 4), torch.randn(1, 4))
+    # rows outside the contrastive loss neither count nor compete: the same as leaving them out
+    a, b = torch.randn(6, 4), torch.randn(6, 4)
+    masked = GlobalBatch().contrastive(a, b, weights, scale=3.0, symmetric=True)
+    assert masked.item() == pytest.approx(GlobalBatch().contrastive(a[weights], b[weights], scale=3.0,
+                                                                    symmetric=True).item(), rel=1e-6)
+    assert GlobalBatch().contrastive(a, b, torch.zeros(6, dtype=torch.bool)).item() == 0.0
 
 
 def test_per_sample_draws_do_not_depend_on_the_batch_they_land_in():

@@ -70,15 +70,14 @@ class GlobalBatch:
             raise ValueError("a contrastive loss over the global batch needs grad_accum 1")
         rows = torch.ones(a.shape[0], dtype=torch.bool, device=a.device) if rows is None else rows
         keep = self.gather(rows.to(a.dtype).unsqueeze(1)).squeeze(1).detach() > 0
-        every_a, every_b = self.gather(a), self.gather(b)
-        a, b = every_a[keep], every_b[keep]
-        if a.shape[0] == 0:
-            return (every_a.sum() + every_b.sum()) * 0.0
-        logits = scale * a @ b.T
-        labels = torch.arange(a.shape[0], device=a.device)
-        loss = F.cross_entropy(logits.float(), labels)
-        if symmetric:
-            loss = (loss + F.cross_entropy(logits.T.float(), labels)) / 2
+        logits = (scale * self.gather(a) @ self.gather(b).T).float()
+        # rows outside the loss neither count nor compete (masked, not indexed: no data-dependent shapes)
+        outside = ~(keep.unsqueeze(0) & keep.unsqueeze(1))
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        losses = [F.cross_entropy(x.masked_fill(outside, torch.finfo(x.dtype).min / 2), labels, reduction="none")
+                  for x in ((logits, logits.T) if symmetric else (logits,))]
+        per_row = sum(losses) / len(losses)
+        loss = (per_row * keep).sum() / keep.sum().clamp(min=1)
         return self.shares * loss / self.world_size
 
 
