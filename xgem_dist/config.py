@@ -104,7 +104,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_ratio: float = 0.2  # linear warm-up over this share of the steps, then cosine to 0
     grad_clip: float = 1.0
-    deepspeed_config: str = "zero3"  # a name in ds_configs/ or a path to a JSON config
+    deepspeed_config: str = "zero3"  # a name in xgem_dist/ds_configs/ or a path to a JSON config
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     attention: str = "auto"  # sdpa | triton | auto (exact single-key path; Triton kernel on CUDA where it applies)

@@ -21,7 +21,7 @@ from ..model.tokenizers import Tokenizers
 from ..model.xgem import build_xgem
 from .task import TrainingTask
 
-DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"  # package data, found from a wheel too
 
 
 def init_distributed(timeout_s: int = 120) -> tuple[int, int, int]:
