@@ -91,7 +91,7 @@ class TrainConfig:
     split: str = "train"
     tokenizers: str = ""  # folder with clip/ bert/ gpt2/; empty: train small ones on the split's reports
     image_size: int = 64
-    decoder: str = "auto"  # auto (DALI on GPU, PIL on CPU) | pil | dali-cpu | dali-gpu
+    decoder: str = "auto"  # auto (DALI on GPU if installed, else PIL) | pil | dali-cpu | dali-gpu
     loader_threads: int = 0  # decode and read threads per rank; 0: the CPUs available shared by the local ranks (2-16)
     prefetch: int = 2  # steps decoded ahead by a background thread (0: none)
     last_batch: str = "drop"  # drop | pad (the last partial global batch with invalid rows masked out)
