@@ -46,11 +46,11 @@ def test_deepspeed_config_and_lr_schedule():
     assert factor(60) == pytest.approx(0.5) and factor(99) < 0.01
 
 
-def _train(args: list[str], nproc: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+def _train(args: list[str], nproc: int = 0, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
                  "127.0.0.1", "--master-port", str(free_port())] if nproc else [sys.executable])
     result = subprocess.run([*launcher, "-m", "xgem_dist.cli", "train", "--launcher", "local", *args],
-                            capture_output=True, text=True, env=ENV, timeout=600)
+                            capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(result.stderr[-4000:])
     return result
@@ -80,14 +80,19 @@ def test_elastic_resume_2_to_1_to_2_and_2_to_3(shards, tmp_path):
     assert (checkpoint / "xgem_state.json").exists()
     assert json.loads((checkpoint / "xgem_state.json").read_text())["world_size"] == 2
 
-    w1 = tmp_path / "w1"
-    _train([*common, "--run-dir", str(w1), "--steps", "5", "--set", f"resume={checkpoint}"])
+    w1, scratch = tmp_path / "w1", tmp_path / "scratch"
+    _train([*common, "--run-dir", str(w1), "--steps", "5", "--set", f"resume={checkpoint}"],
+           env={"XGEM_SCRATCH": str(scratch)})
     _assert_same(saved, w1 / "fingerprint-load-step4-w1.pt")
     assert _summaries(w1)[-1]["end_step"] == 5
+    # the universal conversion went to $XGEM_SCRATCH and was deleted once loaded
+    assert scratch.is_dir() and not list(scratch.iterdir())
 
     w3 = tmp_path / "w3"
-    _train([*common, "--run-dir", str(w3), "--steps", "5", "--set", f"resume={checkpoint}"], nproc=3)
+    _train([*common, "--run-dir", str(w3), "--steps", "5", "--set", f"resume={checkpoint}"], nproc=3,
+           env={"XGEM_SCRATCH": str(scratch)})
     _assert_same(saved, w3 / "fingerprint-load-step4-w3.pt")
+    assert not list(scratch.iterdir())
 
     back = tmp_path / "back_to_2"
     _train([*common, "--run-dir", str(back), "--steps", "6", "--set",

@@ -99,6 +99,7 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
                             state["world_size"], world, ", universal" if universal else "")
             if cfg.fingerprints:
                 _dump(engine, run_dir / f"fingerprint-load-step{start}-w{world}.pt", rank)
+        checkpoints.release(local_rank)
 
     sinks = MetricSinks(run_dir) if rank == 0 else None
     telemetry = TelemetrySampler(cfg.telemetry_interval_s).start() if rank == 0 else None
