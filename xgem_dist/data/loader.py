@@ -107,8 +107,8 @@ def make_decoder(kind: str, size: int, max_batch: int, threads: int, cuda_device
     kind = choose_decoder(kind, cuda_device)
     if kind == "dali-gpu" and cuda_device is None:
         raise ValueError("decoder dali-gpu needs a CUDA GPU; use dali-cpu or pil on this machine")
-    if kind in ("dali-gpu", "dali-cpu") and dali_missing() is not None:
-        raise ValueError(f"decoder {kind} needs NVIDIA DALI ({dali_missing()}): {DALI_INSTALL}, or use decoder pil")
+    if kind in ("dali-gpu", "dali-cpu") and (missing := dali_missing()) is not None:
+        raise ValueError(f"decoder {kind} needs NVIDIA DALI ({missing}): {DALI_INSTALL}, or use decoder pil")
     if kind == "pil":
         return PILDecoder(size, threads)
     if kind in ("dali-gpu", "dali-cpu"):
