@@ -4,6 +4,7 @@ policy, prefetch state, corrupt bytes, s3:// reads, and DALI's pipelines against
 import io
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -96,6 +97,42 @@ def test_pad_policy_marks_the_missing_rows_invalid(shards):
 def test_dali_gpu_without_a_gpu_says_what_to_use(shards):
     with pytest.raises(ValueError, match="dali-gpu needs a CUDA GPU; use dali-cpu or pil"):
         ShardLoader(shards, 12, 0, 1, 32, decoder="dali-gpu")
+
+
+@pytest.fixture
+def without_dali(monkeypatch):
+    """DALI made unimportable for the test (and the per-process DALI check and warning reset around it)."""
+    from xgem_dist.data import decode, loader
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    decode.dali_missing.cache_clear()
+    loader._warn_no_dali.cache_clear()
+    yield
+    decode.dali_missing.cache_clear()
+    loader._warn_no_dali.cache_clear()
+
+
+def test_auto_decoder_without_dali_on_a_gpu_falls_back_to_pil_with_one_warning(without_dali, caplog):
+    from xgem_dist.data.decode import PILDecoder
+    from xgem_dist.data.loader import choose_decoder, make_decoder
+
+    with caplog.at_level("WARNING", logger="xgem_dist.data.loader"):
+        assert choose_decoder("auto", cuda_device=0) == "pil"
+        assert isinstance(make_decoder("auto", 32, 4, 1, cuda_device=0), PILDecoder)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "DALI is not usable" in warnings[0] and "pip install 'xgem-dist[dali-cu12]'" in warnings[0]
+    assert "'xgem-dist[dali-cu13]'" in warnings[0]
+    assert choose_decoder("auto", cuda_device=None) == "pil"
+    with pytest.raises(ValueError, match=r"decoder dali-cpu needs NVIDIA DALI .*pip install 'xgem-dist\[dali-cu12\]'"):
+        make_decoder("dali-cpu", 32, 4, 1, cuda_device=None)
+
+
+def test_auto_decoder_picks_dali_on_a_gpu_when_it_imports():
+    pytest.importorskip("nvidia.dali")
+    from xgem_dist.data.loader import choose_decoder
+
+    assert choose_decoder("auto", cuda_device=0) == "dali-gpu" and choose_decoder("auto", None) == "pil"
 
 
 def test_images_presence_and_reports(shards, demo_defects):

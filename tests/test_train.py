@@ -1,12 +1,16 @@
 """Distributed training: DeepSpeed config, the loop under one process, torchrun
 and Ray Train, elastic resume across world sizes, kills mid-run and mid-save, ray job submit."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,11 +46,11 @@ def test_deepspeed_config_and_lr_schedule():
     assert factor(60) == pytest.approx(0.5) and factor(99) < 0.01
 
 
-def _train(args: list[str], nproc: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+def _train(args: list[str], nproc: int = 0, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
                  "127.0.0.1", "--master-port", str(free_port())] if nproc else [sys.executable])
     result = subprocess.run([*launcher, "-m", "xgem_dist.cli", "train", "--launcher", "local", *args],
-                            capture_output=True, text=True, env=ENV, timeout=600)
+                            capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(result.stderr[-4000:])
     return result
@@ -95,8 +99,12 @@ def test_a_split_run_over_world_sizes_continues_the_uninterrupted_trajectory(sha
     split = tmp_path / "split"
     _train([*common, "--run-dir", str(split), "--set", "stop_at=4"], nproc=2)
     assert (split / "checkpoints" / "checkpoint-0000004").is_dir() and _summaries(split)[-1]["end_step"] == 4
-    _train([*common, "--run-dir", str(split), "--set", "stop_at=6"])
-    _train([*common, "--run-dir", str(split)], nproc=3)
+    scratch = tmp_path / "scratch"
+    _train([*common, "--run-dir", str(split), "--set", "stop_at=6"], env={"XGEM_SCRATCH": str(scratch)})
+    # the universal conversion went to $XGEM_SCRATCH and was deleted once loaded
+    assert scratch.is_dir() and not list(scratch.iterdir())
+    _train([*common, "--run-dir", str(split)], nproc=3, env={"XGEM_SCRATCH": str(scratch)})
+    assert not list(scratch.iterdir())
     assert [(s["world_size"], s["start_step"], s["end_step"]) for s in _summaries(split)] == [(2, 0, 4), (1, 4, 6),
                                                                                             (3, 6, 8)]
     expected, got = _losses(whole), _losses(split)
@@ -206,16 +214,73 @@ def test_ray_two_nodes_a_worker_killed_training_resumes(shards, tmp_path):
     assert summary["world_size"] == 2 and summary["resumed_from"].endswith("checkpoint-0000002")
 
 
+def _processes_of(temp_dir: str, gcs: str) -> set[int]:
+    """PIDs of the processes whose command line names this Ray instance's temp dir or GCS address."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if temp_dir in cmdline or gcs in cmdline:
+            found.add(proc.pid)
+    return found
+
+
+def _process_or_none(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+@contextlib.contextmanager
+def _ray_head(bin_dir: Path, env: dict, port: int, dashboard: int):
+    """A Ray head on 127.0.0.2 of our own (its own temp dir), stopped by its PID with everything it started;
+    yields a set that receives the PIDs of its processes still running 30 s after it stopped (then killed)."""
+    import psutil
+
+    temp_dir = tempfile.mkdtemp(prefix="xr-")  # short: Ray's socket paths under it must stay < 108 bytes
+    gcs = f"127.0.0.2:{port}"
+    log = Path(temp_dir) / "head.log"
+    with log.open("w") as out:  # ports with fixed defaults get free ones: another Ray may run on this machine
+        head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.2",
+                                 "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                                 "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port",
+                                 str(free_port()), "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp_dir],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    survivors: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while "block forever" not in log.read_text():  # printed once all is up
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+        yield survivors
+    finally:
+        root = _process_or_none(head.pid)
+        started = {head.pid, *(p.pid for p in (root.children(recursive=True) if root else []))}
+        started |= _processes_of(temp_dir, gcs)
+        head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        alive = [p for p in map(_process_or_none, started) if p is not None]
+        _, still_running = psutil.wait_procs(alive, timeout=30)
+        for proc in still_running:
+            proc.kill()
+        survivors.update(p.pid for p in still_running)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_training_to_completion(shards, tmp_path):
     pytest.importorskip("ray.dashboard")
     bin_dir = Path(sys.executable).parent
     port, dashboard = free_port(), free_port()
     env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}"}
-    subprocess.run([str(bin_dir / "ray"), "start", "--head", "--node-ip-address", "127.0.0.2", "--port", str(port),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
-    try:
+    with _ray_head(bin_dir, env, port, dashboard) as left_running:
         run_dir = tmp_path / "run"
         job = subprocess.run(
             [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
@@ -224,6 +289,5 @@ def test_ray_job_submit_runs_training_to_completion(shards, tmp_path):
             capture_output=True, text=True, env=env, timeout=600)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr
-    finally:
-        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    assert not left_running, f"processes of the test's Ray head still ran after it stopped: {left_running}"
     assert _summaries(run_dir)[-1]["end_step"] == 2

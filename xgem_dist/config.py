@@ -91,7 +91,7 @@ class TrainConfig:
     split: str = "train"
     tokenizers: str = ""  # folder with clip/ bert/ gpt2/; empty: train small ones on the split's reports
     image_size: int = 64
-    decoder: str = "auto"  # auto (DALI on GPU, PIL on CPU) | pil | dali-cpu | dali-gpu
+    decoder: str = "auto"  # auto (DALI on GPU if installed, else PIL) | pil | dali-cpu | dali-gpu
     loader_threads: int = 0  # decode and read threads per rank; 0: the CPUs available shared by the local ranks (2-16)
     prefetch: int = 2  # steps decoded ahead by a background thread (0: none)
     last_batch: str = "drop"  # drop | pad (the last partial global batch with invalid rows masked out)
@@ -104,7 +104,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_ratio: float = 0.2  # linear warm-up over this share of the steps, then cosine to 0
     grad_clip: float = 1.0
-    deepspeed_config: str = "zero3"  # a name in ds_configs/ or a path to a JSON config
+    deepspeed_config: str = "zero3"  # a name in xgem_dist/ds_configs/ or a path to a JSON config
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     attention: str = "auto"  # sdpa | triton | auto (exact single-key path; Triton kernel on CUDA where it applies)

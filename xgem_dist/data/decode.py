@@ -6,6 +6,7 @@ An unreadable JPEG is treated as missing, logged and counted, never replaced by 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,17 @@ log = logging.getLogger(__name__)
 
 
 BLANK_JPEG = encode_jpeg(Image.new("L", (8, 8)), quality=75)
+DALI_INSTALL = "pip install 'xgem-dist[dali-cu12]' (CUDA 12) or 'xgem-dist[dali-cu13]' (CUDA 13)"
+
+
+@functools.cache
+def dali_missing() -> str | None:
+    """Why NVIDIA DALI cannot be imported in this process, or None when it can."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except (ImportError, OSError) as e:  # OSError: a DALI build whose CUDA libraries are absent
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 class PILDecoder:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from ..storage import Store
-from .decode import DALIDecoder, PILDecoder
+from .decode import DALI_INSTALL, DALIDecoder, PILDecoder, dali_missing
 from .shard import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,33 @@ def default_threads() -> int:
     return max(2, min(16, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
 
 
+@functools.cache
+def _warn_no_dali(reason: str) -> None:
+    log.warning("decoder auto: NVIDIA DALI is not usable here (%s), so JPEGs are decoded on the CPU with PIL; "
+                "for decoding on the GPU %s", reason, DALI_INSTALL)
+
+
+def choose_decoder(kind: str, cuda_device: int | None) -> str:
+    """`auto`: DALI on the GPU when there is a GPU and DALI imports, else PIL (with one warning per process
+    when only DALI is missing)."""
+    if kind != "auto":
+        return kind
+    if cuda_device is None:
+        return "pil"
+    reason = dali_missing()
+    if reason is None:
+        return "dali-gpu"
+    _warn_no_dali(reason)
+    return "pil"
+
+
 def make_decoder(kind: str, size: int, max_batch: int, threads: int, cuda_device: int | None):
     """cuda_device: the rank's GPU (None without one), where DALI's GPU decode runs and allocates."""
-    if kind == "auto":
-        kind = "dali-gpu" if cuda_device is not None else "pil"
+    kind = choose_decoder(kind, cuda_device)
     if kind == "dali-gpu" and cuda_device is None:
         raise ValueError("decoder dali-gpu needs a CUDA GPU; use dali-cpu or pil on this machine")
+    if kind in ("dali-gpu", "dali-cpu") and (missing := dali_missing()) is not None:
+        raise ValueError(f"decoder {kind} needs NVIDIA DALI ({missing}): {DALI_INSTALL}, or use decoder pil")
     if kind == "pil":
         return PILDecoder(size, threads)
     if kind in ("dali-gpu", "dali-cpu"):

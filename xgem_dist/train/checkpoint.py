@@ -9,7 +9,8 @@ and `xgem_state.json` (step, samples consumed, data-stream state, RNG state, con
 - Ray Train: each rank writes a local folder and reports it with the same name; Ray registers the
   checkpoint only once every rank reported, persists it to the run's storage and keeps the last K.
 - Loading on a world size other than the one that saved converts the checkpoint to DeepSpeed's
-  universal format first (once per node, node-local), then loads with load_universal.
+  universal format first (once per node, under $XGEM_SCRATCH or the temp dir), then loads with
+  load_universal and deletes the conversion once every rank has loaded it.
 """
 
 from __future__ import annotations
@@ -98,9 +99,13 @@ def fingerprint(engine) -> dict[str, dict[str, torch.Tensor]]:
 
 
 class CheckpointManager:
-    def __init__(self, folder: str | Path, rank: int, world_size: int, keep: int, use_ray: bool):
+    def __init__(self, folder: str | Path, rank: int, world_size: int, keep: int, use_ray: bool,
+                 scratch_root: str | Path | None = None):
+        """scratch_root: where universal conversions go (node-local; default $XGEM_SCRATCH, else the temp dir)."""
         self.folder, self.rank, self.world_size = Path(folder), rank, world_size
         self.keep, self.use_ray = keep, use_ray
+        self.scratch_root = Path(scratch_root or os.environ.get("XGEM_SCRATCH") or tempfile.gettempdir())
+        self._scratch: Path | None = None  # the conversion this node made, until release()
 
     # ---- finding what to resume from
     @contextmanager
@@ -182,7 +187,7 @@ class CheckpointManager:
         if not self.needs_universal(folder):
             return folder, False
         digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
-        scratch = Path(tempfile.gettempdir()) / f"xgem-universal-{os.getuid()}-{digest}"
+        scratch = self.scratch_root / f"xgem-universal-{os.getuid()}-{digest}"
         if local_rank == 0:
             saved = saved_world_size(folder)
             log.warning("checkpoint %s was written by %d rank(s); converting for %d", folder, saved,
@@ -191,7 +196,18 @@ class CheckpointManager:
             scratch.mkdir(parents=True)
             to_universal(folder, scratch)
         torch.distributed.barrier()
+        self._scratch = scratch
         return scratch, True
+
+    def release(self, local_rank: int) -> None:
+        """After every rank loaded what prepare() gave: the node's universal conversion (tens of GB at full
+        size) is deleted. All ranks call it."""
+        if self._scratch is None:
+            return
+        torch.distributed.barrier()
+        if local_rank == 0:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        self._scratch = None
 
     @staticmethod
     def read_state(folder: Path) -> dict:

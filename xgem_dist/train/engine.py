@@ -10,6 +10,7 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -21,7 +22,7 @@ from ..model.tokenizers import Tokenizers
 from ..model.xgem import build_xgem
 from .task import TrainingTask
 
-DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"  # package data, found from a wheel too
 
 
 def init_distributed(timeout_s: int = 120) -> tuple[int, int, int]:
@@ -76,10 +77,30 @@ def _allow_scalar_parameters_in_zero_init() -> None:
     Init._xgem_scalars = True
 
 
+def check_world_sizes(cfg: TrainConfig, sizes: Sequence[int]) -> None:
+    """Refuses world sizes over which global_batch does not split into equal micro-batches (an elastic
+    Ray group may run with any count in [min_workers, num_workers], so the launcher checks all of them)."""
+    bad = [w for w in sizes if cfg.global_batch % (w * cfg.grad_accum)]
+    if not bad:
+        return
+    message = (f"global_batch {cfg.global_batch} with grad_accum {cfg.grad_accum} does not split into equal "
+               f"micro-batches over {', '.join(map(str, bad))} worker(s): it must be a multiple of workers x grad_accum")
+    if len(sizes) > 1:
+        fits = [w for w in sizes if w not in bad]
+        message += (f". An elastic group may run with any count from {sizes[0]} to {sizes[-1]} (--min-workers to "
+                    f"--num-workers) and only {fits or 'none'} of them fit: pick a range whose every count divides "
+                    f"it, a fixed --num-workers, or another global_batch")
+    raise ValueError(message)
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
+    check_world_sizes(cfg, [world_size])
     path = Path(cfg.deepspeed_config)
     if not path.suffix:
         path = DS_CONFIGS / f"{cfg.deepspeed_config}.json"
+    if not path.is_file():
+        raise ValueError(f"deepspeed_config {cfg.deepspeed_config!r}: no file {path}; give a path to a JSON config "
+                         f"or one of {sorted(p.stem for p in DS_CONFIGS.glob('*.json'))}")
     ds = json.loads(path.read_text())
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
     filled = {

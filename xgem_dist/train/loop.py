@@ -24,7 +24,7 @@ from ..profile.report import MetricSinks
 from ..profile.telemetry import TelemetrySampler
 from .checkpoint import CheckpointManager, fingerprint, restore_rng, rng_state
 from .collectives import Collectives
-from .engine import build_engine, init_distributed
+from .engine import build_engine, check_world_sizes, init_distributed
 
 log = logging.getLogger(__name__)
 # fields that may change between a run and its resumption without changing its trajectory: where and how
@@ -53,12 +53,10 @@ def check_resumable(saved: dict, cfg: TrainConfig) -> None:
 
 
 def check_stage_settings(cfg: TrainConfig, world: int) -> None:
+    check_world_sizes(cfg, [world])
     if cfg.stage in CONTRASTIVE_STAGES and cfg.grad_accum != 1:
         raise ValueError(f"stage {cfg.stage!r} has a contrastive loss over the whole global batch, which needs "
                          f"grad_accum 1 (got {cfg.grad_accum}); raise the number of ranks or lower global_batch")
-    if cfg.global_batch % (world * cfg.grad_accum):
-        raise ValueError(f"global_batch {cfg.global_batch} is not divisible by world size {world} x grad_accum "
-                         f"{cfg.grad_accum}")
 
 
 def _tokenizers(cfg: TrainConfig, reader: ShardLoader) -> Tokenizers:
@@ -131,6 +129,7 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
                             state["world_size"], world, ", universal" if universal else "")
             if cfg.fingerprints:
                 _dump(engine, run_dir / f"fingerprint-load-step{start}-w{world}.pt", rank)
+        checkpoints.release(local_rank)
 
     sinks = MetricSinks(run_dir) if rank == 0 else None
     telemetry = TelemetrySampler(cfg.telemetry_interval_s).start() if rank == 0 else None

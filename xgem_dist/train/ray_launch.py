@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..config import LaunchConfig, TrainConfig
+from .engine import check_world_sizes
 
 
 def _worker(config: dict) -> None:
@@ -27,11 +28,20 @@ def _worker(config: dict) -> None:
     run(cfg, use_ray=True, timeout_s=config["timeout_s"])
 
 
+def check_worker_range(cfg: TrainConfig, launch: LaunchConfig) -> None:
+    """Before any worker starts: every group size Ray Train may pick must split the global batch."""
+    if launch.min_workers > launch.num_workers:
+        raise ValueError(f"--min-workers {launch.min_workers} is more than --num-workers {launch.num_workers}")
+    low = launch.min_workers if launch.min_workers > 0 else launch.num_workers
+    check_world_sizes(cfg, range(low, launch.num_workers + 1))
+
+
 def launch_ray(cfg: TrainConfig, launch: LaunchConfig) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    check_worker_range(cfg, launch)
     # workers hand results to the controller on its poll; the 2 s default makes each checkpoint wait
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
