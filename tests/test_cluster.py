@@ -66,3 +66,17 @@ def test_submit_sh_builds_an_accepted_command_and_gpu_use_is_switchable(tmp_path
                               "SHARDS": "s3://b/shards", "STORAGE": "s3://b/runs", "TOKENIZERS": "/tok", **env})
     train, launch = _accepted(run.stdout.splitlines())
     assert launch.use_gpu is gpu and launch.min_workers == elastic and train.steps >= 10_000
+
+
+def test_the_recipe_presets_cover_every_stage_with_a_real_schedule():
+    from xgem_dist.config import TrainConfig, build_config
+    from xgem_dist.model.stages import STAGES
+    from xgem_dist.presets import FOLDER, preset_path
+
+    recipe = {}
+    for path in sorted(FOLDER.glob("xgem-*.yaml")):
+        cfg = build_config(TrainConfig, preset_path(path.stem))
+        assert cfg.stage in STAGES and cfg.model == "xgem", path.name
+        assert cfg.steps >= 10_000 and cfg.global_batch % 8 == 0, path.name  # a real horizon, fits 8/16/32 GPUs
+        recipe[cfg.stage] = path.stem
+    assert set(recipe) == set(STAGES), sorted(set(STAGES) - set(recipe))
