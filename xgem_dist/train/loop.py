@@ -22,6 +22,7 @@ from ..profile.report import MetricSinks
 from ..profile.telemetry import TelemetrySampler
 from .checkpoint import CheckpointManager, fingerprint, rng_state
 from .engine import build_engine, init_distributed
+from .weights import restore_frozen
 
 log = logging.getLogger(__name__)
 # fields that may change between a run and its resumption without changing what is trained
@@ -88,6 +89,8 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
             path, _ = engine.load_checkpoint(str(load_from))
             if path is None:
                 raise RuntimeError(f"{load_from}: DeepSpeed found no checkpoint to load")
+            if universal:  # DeepSpeed's universal load restores optimizer-owned parameters only
+                restore_frozen(engine, folder)
             state = CheckpointManager.read_state(folder)
             if state["config_hash"] != our_hash:
                 log.warning("resuming %s under a different configuration (hash %s, now %s)", folder,
