@@ -152,9 +152,9 @@ def _listed(names: list[str]) -> str:
     return f"{len(names)} {names[:10]}{' ...' if len(names) > 10 else ''}"
 
 
-def match_strictly(module: nn.Module, source: ComponentSource) -> dict[str, str]:
-    """model tensor name -> source name for every tensor under source.prefix; a ValueError naming the
-    missing, unexpected and wrongly shaped tensors otherwise."""
+def match_strictly(module: nn.Module, source: ComponentSource) -> dict[str, tuple[torch.Tensor, str]]:
+    """model tensor name -> (the tensor, its name in the source) for every tensor under source.prefix; a
+    ValueError naming the missing, unexpected and wrongly shaped tensors otherwise."""
     tensors, transient = model_tensors(module)
     chosen, missing, wrong, used = {}, [], [], set()
     for canonical, (tensor, names) in tensors.items():
@@ -167,7 +167,7 @@ def match_strictly(module: nn.Module, source: ComponentSource) -> dict[str, str]
         used.update(present)
         if source.shape(present[0]) != _shape(tensor):
             wrong.append(f"{present[0]}: {source.shape(present[0])} in the file, {_shape(tensor)} in the model")
-        chosen[canonical] = present[0]
+        chosen[canonical] = (tensor, present[0])
     unexpected = [n for n in source.names() if n not in used and n not in transient]
     if missing or unexpected or wrong:
         raise ValueError(f"init_from {source.component}: {source.folder} does not fit the model: missing "
@@ -206,10 +206,9 @@ def load_init_weights(model: nn.Module, spec: str, rank: int, world_size: int) -
         if source.prefix and rank == 0:
             log.warning("init_from %s: %s is a diffusers UNet2DConditionModel; it fills %s.unet, the environment "
                         "encoder and connectors keep their initialisation", component, folder, component)
-        tensors, _ = model_tensors(module)
-        for canonical, name in tqdm(chosen.items(), desc=f"init {component}", unit="tensor", disable=rank != 0):
+        for param, name in tqdm(chosen.values(), desc=f"init {component}", unit="tensor", disable=rank != 0):
             flat = source.get(name).reshape(-1)
-            assign(tensors[canonical][0], lambda start, end: flat[start:end], rank, world_size)
+            assign(param, lambda start, end, flat=flat: flat[start:end], rank, world_size)
 
 
 def restore_frozen(engine, checkpoint_folder: str | Path) -> None:
