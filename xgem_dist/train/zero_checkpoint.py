@@ -11,6 +11,7 @@ ZeRO-1/2 keep frozen parameters whole on every rank.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -27,6 +28,10 @@ def _rank_of(path: Path) -> int:
     return int(match.group(1))
 
 
+def _mapped(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
 def newest_checkpoint(src: str | Path) -> Path:
     """A checkpoint folder (holds xgem_state.json and DeepSpeed's `latest`) from itself, a local run
     dir (checkpoints/latest_checkpoint), or any folder above complete checkpoints (a Ray storage
@@ -37,8 +42,6 @@ def newest_checkpoint(src: str | Path) -> Path:
     pointer = src / "checkpoints" / LATEST
     if pointer.exists():
         return src / "checkpoints" / pointer.read_text().strip()
-    import json
-
     found = [p.parent for p in src.rglob(STATE) if (p.parent / "latest").exists() and
              not p.parent.name.endswith(".partial")]
     if not found:
@@ -58,13 +61,13 @@ class ZeroCheckpoint:
             raise ValueError(f"{tag_dir}: expected one *_model_states.pt and one *_optim_states.pt per rank, found "
                              f"{len(model_files)} and {len(optim_files)}")
         self.folder, self.world_size = tag_dir, len(model_files)
-        load = lambda f: torch.load(f, map_location="cpu", mmap=True, weights_only=False)  # noqa: E731
-        self._models = [load(f) for f in model_files]
-        optim = [load(f)["optimizer_state_dict"] for f in optim_files]
+        self._models = [_mapped(f) for f in model_files]
+        optim = [_mapped(f)["optimizer_state_dict"] for f in optim_files]
         self.stage = optim[0]["zero_stage"]
         first = self._models[0]
         self.frozen_shapes: dict[str, torch.Size] = dict(first.get("frozen_param_shapes") or {})
-        self.trainable_shapes: dict[str, torch.Size] = {k: v for group in first["param_shapes"] for k, v in group.items()}
+        self.trainable_shapes: dict[str, torch.Size] = {
+            k: v for group in first["param_shapes"] for k, v in group.items()}
         self._flat: list[list[torch.Tensor]] = []
         self._offsets: dict[str, int] = {}
         if self.trainable_shapes:
@@ -89,20 +92,23 @@ class ZeroCheckpoint:
         """Flat elements [start, end) of a parameter (fp32 master weights for trainable ones)."""
         numel = self.shape(name).numel()
         end = numel if end is None else min(end, numel)
-        if name in self.trainable_shapes:
-            pieces = lambda rank, lo, hi: self._flat_range(rank, self._offsets[name] + lo, hi - lo)  # noqa: E731
-        elif name in self.frozen_shapes:
-            if self.stage < 3:
-                return self._models[0]["frozen_param_fragments"][name].reshape(-1)[start:end]
-            pieces = lambda rank, lo, hi: self._fragment(rank, name)[lo:hi]  # noqa: E731
-        else:
+        if name not in self:
             raise KeyError(f"{self.folder}: no parameter {name!r}")
+        if name in self.frozen_shapes and self.stage < 3:
+            return self._models[0]["frozen_param_fragments"][name].reshape(-1)[start:end]
         part = math.ceil(numel / self.world_size)
         chunks = []
         for rank in range(start // part, (end - 1) // part + 1 if end > start else 0):
             lo, hi = max(start, rank * part) - rank * part, min(end, (rank + 1) * part) - rank * part
-            chunks.append(pieces(rank, lo, hi))
+            chunks.append(self._partition(rank, name)[lo:hi])
         return (torch.cat(chunks) if chunks else torch.empty(0)).detach()
+
+    def _partition(self, rank: int, name: str) -> torch.Tensor:
+        """`rank`'s partition of a parameter (p elements, the last ones padding), read lazily."""
+        if name in self.frozen_shapes:
+            return self._fragment(rank, name)
+        part = math.ceil(self.trainable_shapes[name].numel() / self.world_size)
+        return self._flat_range(rank, self._offsets[name], part)
 
     def full(self, name: str) -> torch.Tensor:
         return self.read(name).reshape(self.shape(name))
