@@ -75,6 +75,13 @@ def cmd_convert_released(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train.weights import export
+
+    print(f"exported {export(args.src, args.out, args.dtype, args.released)}")
+    return 0
+
+
 def _overrides(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -169,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--preset", default="xgem", choices=["xgem"])
     p.set_defaults(func=cmd_convert_released)
+
+    p = sub.add_parser("export", help="a run's newest checkpoint (or one checkpoint folder) -> safetensors component "
+                                      "folders (vae/, clip/ loadable by diffusers / transformers)")
+    p.add_argument("src", help="a run dir (local or Ray storage) or one checkpoint folder")
+    p.add_argument("out")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--released", action="store_true", help="also the released single-file layout (xgem preset)")
+    p.set_defaults(func=cmd_export)
 
     for name in ("train", "profile"):
         p = sub.add_parser(name, help="train a stage of XGeM on shards (Ray Train by default; --launcher local for "

@@ -21,6 +21,7 @@ from ..model.stages import apply_stage
 from ..model.tokenizers import Tokenizers
 from ..model.xgem import build_xgem
 from .task import TrainingTask
+from .weights import load_init_weights
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"  # package data, found from a wheel too
 
@@ -149,6 +150,8 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
     hf_zero3 = HfDeepSpeedConfig(copy.deepcopy(ds)) if zero3 else None  # noqa: F841
     init = (lambda: deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(ds))) if zero3 else None
     model = build_xgem(cfg.model, init_context=init)
+    if cfg.init_from:
+        load_init_weights(model, cfg.init_from, torch.distributed.get_rank(), world_size)
     set_attention_backend(model, cfg.attention)
     set_norm_backend(model, cfg.norm)
     if cfg.activation_checkpointing:

@@ -25,6 +25,7 @@ from ..profile.telemetry import TelemetrySampler
 from .checkpoint import CheckpointManager, fingerprint, restore_rng, rng_state
 from .collectives import Collectives
 from .engine import build_engine, check_world_sizes, init_distributed
+from .weights import restore_frozen
 
 log = logging.getLogger(__name__)
 # fields that may change between a run and its resumption without changing its trajectory: where and how
@@ -115,12 +116,16 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
             state = CheckpointManager.read_state(folder)
             check_resumable(state["config"], cfg)
         load_from, universal = (None, False) if folder is None else checkpoints.prepare(folder, local_rank)
-        engine = build_engine(cfg, tokenizers, world, universal)
+        # a resume takes every weight from the checkpoint: init_from is only read by a fresh run
+        engine = build_engine(cfg if folder is None else dataclasses.replace(cfg, init_from=""), tokenizers, world,
+                              universal)
         collectives = Collectives(engine.device, world)
         if folder is not None:
             path, _ = engine.load_checkpoint(str(load_from))
             if path is None:
                 raise RuntimeError(f"{load_from}: DeepSpeed found no checkpoint to load")
+            if universal:  # DeepSpeed's universal load restores optimizer-owned parameters only
+                restore_frozen(engine, folder)
             reader.load_state_dict(state["data"])
             restore_rng(state["rng"], rank, world)
             start, resumed_from = state["step"], str(folder)
