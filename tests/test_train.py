@@ -89,11 +89,17 @@ def _assert_close_states(a_path: Path, b_path: Path, rtol: float = 1e-4, atol: f
 
 @pytest.mark.slow
 def test_a_split_run_over_world_sizes_continues_the_uninterrupted_trajectory(shards, tmp_path):
-    """W=2 for 8 steps vs W=2 to step 4 -> W=1 to step 6 -> W=3 to step 8, one schedule over 8 steps:
-    the same per-step losses, parameters and Adam moments (the demo's missing views are masked out of a
-    mean over the whole global batch, every draw comes from per-sample seeds)."""
+    """From given weights, W=2 for 8 steps vs W=2 to step 4 -> W=1 to step 6 -> W=3 to step 8, one schedule
+    over 8 steps: the same per-step losses, every parameter (frozen ones too) and the Adam moments (the demo's
+    missing views are masked out of a mean over the whole global batch, every draw comes from per-sample seeds,
+    frozen weights come back from the checkpoint on any world size)."""
+    from xgem_dist.model.export import save_components
+    from xgem_dist.model.xgem import build_xgem
+
+    torch.manual_seed(1234)  # weights that are not the runs' own seeded init: a frozen reset would show
+    save_components(build_xgem("tiny"), tmp_path / "init")
     common = ["--shards", shards, "--steps", "8", "--set", "global_batch=6", "--set", "checkpoint_every=100",
-              "--set", "fingerprints=true"]
+              "--set", "fingerprints=true", "--set", f"init_from={tmp_path / 'init'}"]
     whole = tmp_path / "whole"
     _train([*common, "--run-dir", str(whole)], nproc=2)
     split = tmp_path / "split"
