@@ -158,7 +158,12 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
                                             collectives.gather_rows)
         if cfg.profile_flops and profiler.flops_per_step is None:
             with profiler.excluded():
-                profiler.flops_per_step = cfg.grad_accum * _micro_flops(cfg, tokenizers, micros[0])
+                try:
+                    profiler.flops_per_step = cfg.grad_accum * _micro_flops(cfg, tokenizers, micros[0])
+                except (RuntimeError, NotImplementedError) as error:  # a data-dependent op the meta device lacks
+                    log.warning("stage %s: FLOPs not countable on the meta device (%s); no TFLOP/s or MFU figures",
+                                cfg.stage, str(error).splitlines()[0])
+                    profiler.flops_per_step = 0
         images = 0
         for micro in micros:
             images += int(micro["frontal_present"].sum() + micro["lateral_present"].sum())
