@@ -27,6 +27,16 @@ def demo_defects(demo) -> dict[str, str]:
     return {defect: key for key, defect in demo["defects"].items()}
 
 
+@pytest.fixture(scope="session")
+def shards(demo, tmp_path_factory) -> str:
+    """The demo's shards at 128 px, 16 samples a shard (read-only for tests)."""
+    from xgem_dist.data.shard import shard
+
+    out = tmp_path_factory.mktemp("shared") / "shards"
+    shard(shard_config(demo["root"], out, max_side=128, samples_per_shard=16))
+    return str(out)
+
+
 def shard_config(root: str, out, **overrides) -> ShardConfig:
     return ShardConfig(images=str(root), reports=str(root), out=str(out), progress=False, **overrides)
 

@@ -5,28 +5,23 @@ import io
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from xgem_dist.config import ShardConfig
 from xgem_dist.data.loader import ShardLoader
 from xgem_dist.data.shard import shard
 
 from .conftest import shard_config
 
 
-@pytest.fixture(scope="module")
-def shards(demo, tmp_path_factory) -> str:
-    """51 train samples in shards of 16, 16, 16, 3 (uneven)."""
-    out = tmp_path_factory.mktemp("loader") / "shards"
-    shard(ShardConfig(images=demo["root"], reports=demo["root"], out=str(out), max_side=128, samples_per_shard=16,
-                      progress=False))
-    sizes = [s["samples"] for s in json.loads((out / "train" / "manifest.json").read_text())["shards"]]
+def test_the_demo_train_split_has_uneven_shards(shards):
+    """The loader tests below rely on 51 train samples in shards of 16, 16, 16, 3."""
+    sizes = [s["samples"] for s in json.loads((Path(shards) / "train" / "manifest.json").read_text())["shards"]]
     assert sizes == [16, 16, 16, 3]
-    return str(out)
 
 
 def keys_of(loaders, steps):

@@ -16,21 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from xgem_dist.config import ShardConfig, TrainConfig
-from xgem_dist.data.shard import shard
+from xgem_dist.config import TrainConfig
 from xgem_dist.train.engine import deepspeed_config, lr_lambda
 
 from .conftest import free_port
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "RAY_DISABLE_USAGE_STATS": "1", "RAY_AUTH_MODE": "disabled"}
-
-
-@pytest.fixture(scope="module")
-def shards(demo, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("train") / "shards"
-    shard(ShardConfig(images=demo["root"], reports=demo["root"], out=str(out), max_side=128, samples_per_shard=16,
-                      progress=False))
-    return str(out)
 
 
 def test_deepspeed_config_and_lr_schedule():

@@ -13,8 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from xgem_dist.config import ShardConfig
-from xgem_dist.data.shard import shard
 from xgem_dist.model.export import config_from_dict, config_to_dict, load_components, save_components
 from xgem_dist.model.xgem import PRESETS, build_xgem, released_function
 from xgem_dist.train.weights import (COMPONENTS, export, load_init_weights, parse_init_from, released_state,
@@ -25,14 +23,6 @@ from .conftest import free_port
 from .test_train import ENV
 
 FAST = ["--set", "global_batch=4", "--set", "profile_flops=false", "--set", "checkpoint_every=2"]
-
-
-@pytest.fixture(scope="module")
-def shards(demo, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("weights") / "shards"
-    shard(ShardConfig(images=demo["root"], reports=demo["root"], out=str(out), max_side=128, samples_per_shard=16,
-                      progress=False))
-    return str(out)
 
 
 @pytest.fixture(scope="module")
