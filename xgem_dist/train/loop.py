@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ..profile.report import MetricSinks
 from ..profile.telemetry import TelemetrySampler
 from .checkpoint import CheckpointManager, fingerprint, rng_state
 from .engine import build_engine, init_distributed
+from .preemption import StopRequest
 
 log = logging.getLogger(__name__)
 # fields that may change between a run and its resumption without changing what is trained
@@ -48,25 +48,6 @@ def _once(run_dir: str, name: str) -> bool:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("1")
     return True
-
-
-class _Termination:
-    """SIGTERM sets a flag; the loop saves at the end of the step (all ranks agree through an all-reduce)."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (some launchers): rely on the launcher's own handling
-            pass
-
-    def _handle(self, *_):
-        self.requested = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([int(self.requested)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
@@ -104,7 +85,7 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
     telemetry = TelemetrySampler(cfg.telemetry_interval_s).start() if rank == 0 else None
     profiler = StepProfiler(peak=peak_tflops(telemetry.device_name if telemetry else None, cfg.peak_tflops))
     trace = _TraceWindow(cfg.trace_steps, run_dir / f"trace-rank{rank}.json")
-    termination = _Termination()
+    termination = StopRequest(use_ray)
     losses, samples, t0 = [], 0, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", disable=rank != 0, unit="step")
     step = start
@@ -135,7 +116,7 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
         bar.update()
         if step + 1 == cfg.fail_at_step and rank == world - 1 and _once(cfg.run_dir, "failed_at_step"):
             os._exit(1)
-        stop = termination.agreed()
+        stop = termination.agreed(engine.device)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
             state = {"step": step + 1, "samples_consumed": reader.epoch * len(reader.samples) + reader.consumed,
                      "data": reader.state_dict(), "rng": rng_state(), "world_size": world,
@@ -157,8 +138,9 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
                     row |= {name: stats["median"], f"{name}/min": stats["min"], f"{name}/max": stats["max"]}
                 sinks.write(step + 1, row)
         if stop:
-            log.warning("SIGTERM: saved at step %d and stopping", step + 1)
-            break
+            log.warning("%s: saved at step %d", termination.reason, step + 1)
+            if termination.stops_the_run:
+                break
     bar.close()
     reader.close()
     if sinks is not None:
