@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ..profile.telemetry import TelemetrySampler
 from .checkpoint import CheckpointManager, fingerprint, restore_rng, rng_state
 from .collectives import Collectives
 from .engine import build_engine, check_world_sizes, init_distributed
+from .preemption import StopRequest
 from .weights import restore_frozen
 
 log = logging.getLogger(__name__)
@@ -81,23 +81,6 @@ def _once(run_dir: str, name: str) -> bool:
     return True
 
 
-class _Termination:
-    """SIGTERM sets a flag; the loop saves at the end of the step (all ranks agree through an all-reduce)."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (some launchers): rely on the launcher's own handling
-            pass
-
-    def _handle(self, *_):
-        self.requested = True
-
-    def agreed(self, collectives: Collectives) -> bool:
-        return collectives.any(self.requested)
-
-
 def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
     """Train cfg.stage of cfg.model from cfg.shards; returns a summary (rank 0's view)."""
     rank, world, local_rank = init_distributed(timeout_s)
@@ -140,7 +123,7 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
     telemetry = TelemetrySampler(cfg.telemetry_interval_s).start() if rank == 0 else None
     profiler = StepProfiler(peak=peak_tflops(telemetry.device_name if telemetry else None, cfg.peak_tflops))
     trace = _TraceWindow(cfg.trace_steps, run_dir / f"trace-rank{rank}.json")
-    termination = _Termination()
+    termination = StopRequest(use_ray)
     task = engine.module
     losses, samples, t0 = [], 0, time.perf_counter()
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
@@ -203,8 +186,9 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
                     row |= {name: stats["median"], f"{name}/min": stats["min"], f"{name}/max": stats["max"]}
                 sinks.write(step + 1, row)
         if stop:
-            log.warning("SIGTERM: saved at step %d and stopping", step + 1)
-            break
+            log.warning("%s: saved at step %d", termination.reason, step + 1)
+            if termination.stops_the_run:
+                break
     bar.close()
     reader.close()
     if sinks is not None:

@@ -44,6 +44,8 @@ def launch_ray(cfg: TrainConfig, launch: LaunchConfig) -> dict:
     check_worker_range(cfg, launch)
     # workers hand results to the controller on its poll; the 2 s default makes each checkpoint wait
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # how often Ray Train looks for drained (preempted) nodes; its 5 s default eats into a short notice
+    os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     if not ray.is_initialized():
         if launch.address:
@@ -60,7 +62,13 @@ def launch_ray(cfg: TrainConfig, launch: LaunchConfig) -> dict:
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=launch.use_gpu,
                                      resources_per_worker={"CPU": launch.cpus_per_worker}),
         run_config=RunConfig(name=launch.name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=launch.max_failures),
+                             failure_config=FailureConfig(
+                                 max_failures=launch.max_failures,
+                                 # a preempted run resumes from its just-in-time checkpoint, however often
+                                 max_preemption_failures=-1,
+                                 # a ZeRO-3 checkpoint needs every rank's shards: never commit one without
+                                 # the preempted ranks (what relaxing Ray's report barrier would allow)
+                                 relax_collectives_on_preemption=False),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
     result = trainer.fit()
