@@ -13,7 +13,6 @@ import pytest
 
 from xgem_dist.config import LaunchConfig, TrainConfig
 
-from .test_train import shards  # noqa: F401  (the module-scoped shard fixture)
 
 STEPS, CHECKPOINT_EVERY, DEADLINE_S = 12, 1000, 12.0
 
@@ -61,7 +60,7 @@ def _preempt_rank1_node(cluster, nodes: dict, run_dir: Path, storage: Path, over
 
 
 @pytest.mark.slow
-def test_ray_preempted_node_saves_a_checkpoint_and_the_run_resumes_from_it(shards, tmp_path):  # noqa: F811
+def test_ray_preempted_node_saves_a_checkpoint_and_the_run_resumes_from_it(shards, tmp_path):
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
