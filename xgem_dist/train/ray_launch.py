@@ -48,10 +48,12 @@ def launch_ray(cfg: TrainConfig, launch: LaunchConfig) -> dict:
     os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     if not ray.is_initialized():
-        if launch.address:
-            ray.init(address=launch.address)
-        else:  # a private single-node cluster; Ray maps 127.0.0.1 to the machine's address, not 127.0.0.2
-            ray.init(_node_ip_address="127.0.0.2", include_dashboard=False)
+        address = launch.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:  # a private single-node cluster, never another one running on this machine ("local"); Ray maps
+            # 127.0.0.1 to the machine's address, not 127.0.0.2
+            ray.init(address="local", _node_ip_address="127.0.0.2", include_dashboard=False)
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
     storage = launch.storage_path or str(Path(cfg.run_dir) / "ray")
     workers = (launch.min_workers, launch.num_workers) if launch.min_workers > 0 else launch.num_workers
