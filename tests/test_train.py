@@ -134,9 +134,10 @@ def test_the_clip_loss_is_over_the_global_batch_at_any_world_size(shards, tmp_pa
         _train(["--shards", shards, "--run-dir", str(run_dir), "--steps", "3", "--set", "stage=clip",
                 "--set", "global_batch=6"], nproc=world if world > 1 else 0)
         losses[world] = _losses(run_dir)
-    for world in (2, 3):
-        for step, loss in losses[1].items():
-            assert _relative(loss, losses[world][step]) < 1e-4, (world, losses)
+    assert sorted(losses[1]) == sorted(losses[2]) == sorted(losses[3]) == [1, 2, 3]
+    worst = max(_relative(loss, losses[world][step]) for world in (2, 3) for step, loss in losses[1].items())
+    print(f"worst relative per-step CLIP loss difference, W=2 and W=3 against W=1: {worst:.2e}")
+    assert worst < 1e-4, losses
     accumulated = _train(["--shards", shards, "--run-dir", str(tmp_path / "ga"), "--steps", "1", "--set",
                           "stage=clip", "--set", "global_batch=6", "--set", "grad_accum=2"], check=False)
     assert accumulated.returncode == 2 and "needs grad_accum 1" in accumulated.stderr
