@@ -160,12 +160,12 @@ def test_corrupt_bytes_in_a_shard_are_a_counted_skip(shards, tmp_path, caplog):
     assert len(set(batch["key"])) == 48  # nothing repeated in its place
 
 
-def test_a_shard_shorter_than_its_index_is_a_clear_error(shards, tmp_path):
+def test_a_shard_truncated_during_training_is_a_clear_error(shards, tmp_path):
     broken = tmp_path / "truncated"
     shutil.copytree(shards, broken)
     tar = broken / "train" / "shard-000001.tar"
+    loader = ShardLoader(str(broken), 48, 0, 1, 32, prefetch=1)  # before: the start-up check would refuse it
     tar.write_bytes(tar.read_bytes()[:20000])
-    loader = ShardLoader(str(broken), 48, 0, 1, 32, prefetch=1)
     with pytest.raises(OSError, match="shard-000001.tar: .* the index says .* truncated"):
         loader.next_step()  # raised in the prefetch thread, handed to the caller
     loader.close()

@@ -8,6 +8,8 @@
   sequence.
 - The last partial global batch of an epoch: `drop` (default) or `pad`, where the missing positions
   come as invalid rows (`valid` False, zero images) — never as repeated samples.
+- Start: the split's manifest, index files and tars must agree (`load_shard_set`: sizes, sample counts, index
+  checksums, keys), else it refuses to train and points to `xgem-dist verify-shards`.
 - Bytes: read by offset through the DALI index files (any fsspec URL, s3:// included): local shards
   through a memory map (no copy before the decoder's), object stores by concurrent range requests.
   Decoded on the GPU with DALI or on the CPU (decode.py). A background thread decodes a bounded number
@@ -23,7 +25,9 @@ import logging
 import mmap
 import os
 import queue
+import tarfile
 import threading
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,6 +36,7 @@ import torch
 
 from ..storage import Store
 from .decode import DALI_INSTALL, DALIDecoder, PILDecoder, dali_missing
+from .mimic import InputError
 from .shard import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -46,17 +51,127 @@ class SampleRef:
 
 
 def read_index(text: str, shard: str) -> list[SampleRef]:
-    """Parse a DALI v1.2 webdataset index."""
+    """Parse a DALI v1.2 webdataset index; a malformed line is an error naming the shard and the line."""
     lines = text.strip().split("\n")
     header = lines[0].split()
-    if header[0] != "v1.2" or int(header[1]) != len(lines) - 1:
-        raise ValueError(f"{shard}: not a v1.2 index with {len(lines) - 1} samples")
+    if len(header) != 2 or header[0] != "v1.2" or header[1] != str(len(lines) - 1):
+        raise ValueError(f"{shard}'s index: header {lines[0]!r}, expected 'v1.2 {len(lines) - 1}' "
+                         f"for its {len(lines) - 1} sample lines")
     refs = []
-    for line in lines[1:]:
+    for number, line in enumerate(lines[1:], 2):
         fields = line.split()
-        members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
-        refs.append(SampleRef(fields[3].split(".", 1)[0], shard, members))
+        try:
+            if not fields or len(fields) % 4:
+                raise ValueError("not groups of 'ext offset size name'")
+            key = fields[3][: -len(fields[0]) - 1]
+            members = {}
+            for ext, offset, size, name in zip(*[iter(fields)] * 4):
+                if name != f"{key}.{ext}" or ext in members:
+                    raise ValueError(f"member {name} under {ext}")
+                members[ext] = (int(offset), int(size))
+        except ValueError as e:
+            raise ValueError(f"{shard}'s index: line {number} ({e}): {line[:200]!r}") from None
+        refs.append(SampleRef(key, shard, members))
     return refs
+
+
+def _layout_problem(refs: list[SampleRef], tar_bytes: int) -> str | None:
+    """Index entries that cannot be members of a tar of this size: past its end, or overlapping another member
+    or the header block before their data."""
+    extents = sorted((offset, size, ref.key, ext) for ref in refs for ext, (offset, size) in ref.members.items())
+    end, previous = 0, "the start of the tar"
+    for offset, size, key, ext in extents:
+        if offset < end + tarfile.BLOCKSIZE:
+            return f"index entry {key}.{ext} at byte {offset} overlaps {previous} or its header"
+        end, previous = offset + size, f"{key}.{ext}"
+    if end > tar_bytes:
+        return f"index entry {previous} ends at byte {end}, past the tar's {tar_bytes}"
+    return None
+
+
+def _header_problems(store: Store, spots: list[tuple[str, str, int, int]]) -> list[str]:
+    """Whether the tar header before each (shard, member name, offset, size) names that member and size: the
+    first and last member of each shard catch a tar swapped for another of the same size (one range each)."""
+    blocks = store.fs.cat_ranges([f"{store.path}/{shard}" for shard, *_ in spots],
+                                 [offset - tarfile.BLOCKSIZE for *_, offset, _ in spots],
+                                 [offset for *_, offset, _ in spots], on_error="raise")
+    problems = []
+    for (shard, name, offset, size), block in zip(spots, blocks):
+        try:
+            header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            found = f"{header.name} ({header.size} bytes)"
+        except tarfile.TarError:
+            found = "no tar header"
+        if found != f"{name} ({size} bytes)":
+            problems.append(f"{shard}: the index has {name} ({size} bytes) at byte {offset}, the tar has {found}")
+    return problems
+
+
+def load_shard_set(store: Store, manifest: dict) -> list[SampleRef]:
+    """The split's samples, once its manifest, index files and tars agree: every listed tar present with the
+    manifest's size, no unlisted tar beside them, each index matching its manifest checksum (when the manifest
+    has one), sample count and first/last key, the tar headers of its first and last member, and no key in two
+    shards. One listing of the folder, the (small) index files and two 512-byte ranges per shard: cheap on
+    object stores too."""
+    store.fs.invalidate_cache(store.path)
+    sizes = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info["size"]
+             for info in store.fs.ls(store.path, detail=True) if info["type"] == "file"}
+    entries = manifest["shards"]
+    problems = [f"{name} is in the folder but not in the manifest (a manifest from another build?)"
+                for name in sorted(set(sizes) - {e["url"] for e in entries}) if name.endswith(".tar")]
+    present = [e["index"] for e in entries if e["index"] in sizes]
+    texts = store.fs.cat_ranges([f"{store.path}/{name}" for name in present], [0] * len(present),
+                                [None] * len(present), on_error="raise")
+    indexes = dict(zip(present, texts))
+    samples, owner, unchecked, spots = [], {}, 0, []
+    for entry in entries:
+        tar, index = entry["url"], indexes.get(entry["index"])
+        if tar not in sizes:
+            problems.append(f"{tar} is missing")
+        elif sizes[tar] != entry["bytes"]:
+            empty = " (empty)" if sizes[tar] == 0 else ""
+            problems.append(f"{tar} has {sizes[tar]} bytes{empty}, the manifest says {entry['bytes']}")
+        if index is None:
+            problems.append(f"{entry['index']} is missing")
+            continue
+        if "index_sha256" not in entry:
+            unchecked += 1
+        elif hashlib.sha256(index).hexdigest() != entry["index_sha256"]:
+            problems.append(f"{entry['index']}: sha256 differs from the manifest (an edited or replaced index)")
+        try:
+            refs = read_index(index.decode(errors="replace"), tar)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        keys = [ref.key for ref in refs]
+        if len(refs) != entry["samples"]:
+            problems.append(f"{entry['index']}: {len(refs)} samples, the manifest says {entry['samples']}")
+        elif (keys[0], keys[-1]) != (entry["first_key"], entry["last_key"]):
+            problems.append(f"{entry['index']}: keys {keys[0]}..{keys[-1]}, the manifest says "
+                            f"{entry['first_key']}..{entry['last_key']}")
+        if refs and sizes.get(tar) == entry["bytes"]:
+            if layout := _layout_problem(refs, entry["bytes"]):
+                problems.append(f"{entry['index']}: {layout}")
+            else:  # the first member of the first sample, the last of the last
+                ends = [(ref.key, *pick(ref.members.items(), key=lambda m: m[1][0]))
+                        for ref, pick in ((refs[0], min), (refs[-1], max))]
+                spots += [(tar, f"{key}.{ext}", offset, size) for key, ext, (offset, size) in ends]
+        repeated = Counter(owner[key] for key in keys if key in owner)
+        problems += [f"{n} sample(s) of {tar} are also in {other} (samples repeated)" for other, n in repeated.items()]
+        problems += [f"{entry['index']}: {key} repeated" for key, n in Counter(keys).items() if n > 1]
+        owner.update(dict.fromkeys(keys, tar))
+        samples += refs
+    problems += _header_problems(store, spots) if spots else []
+    if problems:
+        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+        raise InputError(f"{store.url}: the shards do not agree with {MANIFEST}, refusing to train on them:\n  "
+                         + "\n  ".join(shown) + f"\nCheck the set with `xgem-dist verify-shards {store.url}` and "
+                         "rebuild it with `xgem-dist shard` (or restore the files from the same build).")
+    if unchecked:
+        log.warning("%s: %d index file(s) without a checksum in the manifest (written by an older xgem-dist); "
+                    "they were checked for structure only: `xgem-dist verify-shards %s` checks them against "
+                    "the tars", store.url_of(MANIFEST), unchecked, store.url)
+    return samples
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -137,8 +252,7 @@ class ShardLoader:
         self.manifest = json.loads(manifest_bytes)
         self.manifest_hash = hashlib.sha256(manifest_bytes).hexdigest()[:16]
         self.store = store
-        self.samples = [ref for shard in self.manifest["shards"]
-                        for ref in read_index(store.read_bytes(shard["index"]).decode(), shard["url"])]
+        self.samples = load_shard_set(store, self.manifest)
         if len(self.samples) < global_batch:
             raise ValueError(f"{store.url}: {len(self.samples)} samples, fewer than one global batch ({global_batch})")
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
@@ -258,6 +372,9 @@ class ShardLoader:
     def _mapped(self, shard: str) -> memoryview:
         if shard not in self._maps:
             with open(f"{self.store.path}/{shard}", "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    raise OSError(f"{self.store.url_of(shard)} is empty (0 bytes) since training started; "
+                                  f"check the set with `xgem-dist verify-shards {self.store.url}`")
                 self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return memoryview(self._maps[shard])
 

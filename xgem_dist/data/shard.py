@@ -46,21 +46,26 @@ def shard_name(index: int) -> str:
 
 def dali_index(tar_path: str) -> str:
     """The index DALI's webdataset reader takes (same text as its `wds2idx` tool writes)."""
+    with tarfile.open(tar_path) as tar:
+        return index_text(tar)
+
+
+def index_text(members: Iterable[tarfile.TarInfo]) -> str:
+    """The DALI v1.2 index of a tar's member headers, in tar order."""
     samples: list[list[str]] = []
     last_key = None
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            dot = member.name.find(".", len(member.name) - len(base))
-            key, ext = member.name[:dot], member.name[dot + 1 :]
-            if not key or key.endswith("/"):
-                continue
-            if key != last_key:
-                samples.append([])
-                last_key = key
-            samples[-1].append(f"{ext} {member.offset_data} {member.size} {member.name}")
+    for member in members:
+        if not member.isreg():
+            continue
+        base = member.name.rsplit("/", 1)[-1]
+        dot = member.name.find(".", len(member.name) - len(base))
+        key, ext = member.name[:dot], member.name[dot + 1 :]
+        if not key or key.endswith("/"):
+            continue
+        if key != last_key:
+            samples.append([])
+            last_key = key
+        samples[-1].append(f"{ext} {member.offset_data} {member.size} {member.name}")
     return f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
 
@@ -174,12 +179,14 @@ class SplitWriter:
             local = self._file.name
             base = shard_name(len(self.state["shards"]))
             index_local = local[: -len(".tar")] + ".idx"
-            with open(index_local, "w") as f:
-                f.write(dali_index(local))
+            index = dali_index(local).encode()
+            with open(index_local, "wb") as f:
+                f.write(index)
             with open(local, "rb") as f:
                 digest = sha256_of(f)
             entry = {"url": base + ".tar", "index": base + ".idx", "samples": len(self._keys),
                      "bytes": os.path.getsize(local), "sha256": digest,
+                     "index_sha256": hashlib.sha256(index).hexdigest(),
                      "first_key": self._keys[0], "last_key": self._keys[-1]}
             self.store.put(index_local, entry["index"])
             self.store.put(local, entry["url"])
