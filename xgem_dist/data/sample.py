@@ -98,6 +98,9 @@ def build_sample(plan: StudyPlan, options: SampleOptions) -> SampleResult:
             except FileNotFoundError:
                 result.degraded.append(f"{slot} {ref.dicom_id}: file missing")
                 continue
+            except OSError as e:  # a folder where the file should be, a study folder that is a file, ...
+                result.degraded.append(f"{slot} {ref.dicom_id}: cannot read {ref.path} ({e.strerror or e})")
+                continue
             except BadImage as e:
                 result.degraded.append(f"{slot} {ref.dicom_id}: unreadable JPEG ({e})")
                 continue
@@ -119,12 +122,18 @@ def build_sample(plan: StudyPlan, options: SampleOptions) -> SampleResult:
         text, section = select_section(_read(plan.report_path).decode("utf-8"), options.report_section)
         if section is None:
             result.degraded.append(f"report has no {options.report_section} section")
-    except FileNotFoundError:
+    except (OSError, UnicodeDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            problem = "report missing"
+        elif isinstance(e, UnicodeDecodeError):
+            problem = f"report {plan.report_path} is not UTF-8 text (byte offset {e.start})"
+        else:
+            problem = f"report {plan.report_path} unreadable ({e.strerror or e})"
         if options.missing_report == "skip":
-            result.skipped, result.members = "report missing", {}
+            result.skipped, result.members = problem, {}
             return result
         text, section = "", None
-        result.degraded.append("report missing")
+        result.degraded.append(problem)
     meta["report_section"] = section
     meta["labels"] = plan.labels
     result.members["report.txt"] = text.encode("utf-8")
