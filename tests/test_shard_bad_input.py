@@ -1,6 +1,7 @@
 """The sharder's input gone wrong: every case is a clear error or a counted, recorded skip, never silent."""
 
 import gzip
+import io
 import json
 import logging
 import os
@@ -11,10 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import webdataset as wds
+from PIL import ExifTags, Image, ImageOps
 
 from xgem_dist.cli import main as cli_main
 from xgem_dist.data.mimic import InputError, plan_studies, read_csv, study_dir
+from xgem_dist.data.sample import scan_damage
 from xgem_dist.data.shard import OutputLock, shard
 from xgem_dist.data.verify import verify
 from xgem_dist.storage import Store
@@ -260,3 +265,65 @@ def test_sigkill_of_the_sharder_takes_its_workers_with_it(demo, tmp_path):
     for w in left:
         os.kill(w, signal.SIGKILL)
     assert not left, f"workers {left} outlived the sharder"
+
+
+# 8. corrupt scan data and EXIF orientation
+
+
+def test_corrupt_scan_data_that_pil_decodes_counts_as_unreadable(root, demo, tmp_path):
+    subject, study = plain_studies(root, demo)[0]
+    planned = next(p for p in plan(root).studies if p.study_id == study)
+    image = Path(planned.frontal[0].path)
+    raw = image.read_bytes()
+    middle = len(raw) // 2
+    cut_short = raw[:middle] + b"\xff\xd9" + raw[middle + 2 :]  # libjpeg: "premature end of data segment"
+    stray_restart = raw[:middle] + b"\xff\xd0" + raw[middle + 2 :]
+    for damaged in (cut_short, stray_restart):
+        Image.open(io.BytesIO(damaged)).load()  # the premise: PIL decodes these without a word
+    assert scan_damage(cut_short) == f"{len(raw) - middle - 2} bytes after the end-of-image marker at offset {middle}"
+    image.write_bytes(stray_restart)
+
+    out = tmp_path / "out"
+    shard(shard_config(root, out))
+    degraded = {e["study_id"]: e["reasons"] for m in manifests(out).values() for e in m["degraded"]}
+    assert degraded[study] == [f"frontal {planned.frontal[0].dicom_id}: unreadable JPEG (corrupt JPEG data: restart "
+                               f"marker 0 where no restart interval is set, at offset {middle})",
+                               "no usable frontal view"]
+
+    with_restarts = io.BytesIO()
+    Image.new("L", (256, 256), 128).save(with_restarts, "JPEG", restart_marker_blocks=4)
+    data = with_restarts.getvalue()
+    assert scan_damage(data) is None
+    first, second = data.index(b"\xff\xd0"), data.index(b"\xff\xd1")
+    swapped = bytearray(data)
+    swapped[first + 1], swapped[second + 1] = 0xD1, 0xD0
+    Image.open(io.BytesIO(bytes(swapped))).load()
+    assert scan_damage(bytes(swapped)) == f"restart marker 1 where 0 was due, at offset {first}"
+
+
+@pytest.mark.parametrize("max_side", [0, 256])
+def test_exif_orientation_is_applied_and_stripped(root, demo, tmp_path, max_side):
+    subject, study = plain_studies(root, demo)[0]
+    planned = next(p for p in plan(root).studies if p.study_id == study)
+    image = Path(planned.frontal[0].path)
+    original = Image.open(image)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored sideways: turn 90 degrees clockwise to view
+    original.save(image, "JPEG", quality=95, exif=exif)
+    upright = ImageOps.exif_transpose(Image.open(image)).convert("L")
+
+    out = tmp_path / "out"
+    shard(shard_config(root, out, max_side=max_side))
+    split_dir = out / planned.split
+    sample = next(s for s in wds.WebDataset(sorted(str(p) for p in split_dir.glob("*.tar")), shardshuffle=False,
+                                            empty_check=False) if s["__key__"] == f"s{study}")
+    stored = Image.open(io.BytesIO(sample["frontal.jpg"]))
+    assert ExifTags.Base.Orientation not in stored.getexif()
+    meta = json.loads(sample["json"])["frontal"]
+    assert meta["original_size"] == list(original.size)
+    if max_side == 0:
+        assert stored.size == upright.size == (original.size[1], original.size[0])
+    else:
+        assert max(stored.size) == 256 and tuple(meta["stored_size"]) == stored.size
+        upright = upright.resize(stored.size, Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(stored, np.int16) - np.asarray(upright, np.int16)).mean() < 2
