@@ -301,10 +301,10 @@ def test_real_images_go_through_the_sharder(realdata, tmp_path):
     # the 3-channel baseline JPEG goes in as its original bytes
     folder = Path(study_dir(str(root), 10000001, 50000009))
     folder.mkdir(parents=True)
-    (folder / "rgbjpeg0-00000000-00000000-00000000-00000000.jpg").write_bytes((images / "16747_3_1.jpg").read_bytes())
-    metadata.append({"dicom_id": "rgbjpeg0-00000000-00000000-00000000-00000000", "subject_id": 10000001,
+    (folder / "00000ff9-00000000-00000000-00000000-00000000.jpg").write_bytes((images / "16747_3_1.jpg").read_bytes())
+    metadata.append({"dicom_id": "00000ff9-00000000-00000000-00000000-00000000", "subject_id": 10000001,
                      "study_id": 50000009, "ViewPosition": "AP"})
-    splits.append({"dicom_id": "rgbjpeg0-00000000-00000000-00000000-00000000", "subject_id": 10000001,
+    splits.append({"dicom_id": "00000ff9-00000000-00000000-00000000-00000000", "subject_id": 10000001,
                    "study_id": 50000009, "split": "train"})
     report = (realdata / "reports" / "mimic_cxr_example_s00000000.txt").read_text()
     for i in (1, 2, 3, 9):

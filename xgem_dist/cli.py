@@ -30,6 +30,8 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples-per-shard", dest="samples_per_shard", type=int)
     p.add_argument("--max-shard-bytes", dest="max_shard_bytes", type=int)
     p.add_argument("--workers", type=int)
+    p.add_argument("--hash-inputs", dest="hash_inputs", action="store_const", const=True,
+                   help="identify the input by every file's sha256 (default: size and mtime)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
 
 

@@ -32,6 +32,7 @@ class ShardConfig:
     max_shard_bytes: int = 1_000_000_000
     workers: int = 1
     progress: bool = True
+    hash_inputs: bool = False  # build identity from every input file's sha256 instead of its size and mtime
 
     def validate(self) -> None:
         choices = ("auto", "impression", "findings", "last_paragraph", "comparison", "full")

@@ -10,12 +10,18 @@ there and produces the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import signal
+import socket
+import sys
 import tarfile
+import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -24,12 +30,13 @@ from typing import Callable, Iterable, Iterator
 
 import fsspec
 import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import ShardConfig
 from ..storage import Store
-from .mimic import SPLITS, InputError, StudyPlan, plan_studies
+from .mimic import SPLITS, InputError, Planned, StudyPlan, plan_studies
 from .sample import SampleOptions, SampleResult, build_sample
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,7 @@ FORMAT = "xgem-dist-shards/1"
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 TAR_OWNER = "xgem"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def shard_name(index: int) -> str:
@@ -81,12 +89,20 @@ def tar_bytes(members: dict[str, bytes]) -> int:
     return sum(512 + -(-len(v) // 512) * 512 for v in members.values())
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: workers of a sharder that is SIGKILLed must not keep running (Linux: PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
 def ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
     """fn over items in order, on `workers` processes, with a bounded number in flight."""
     if workers <= 1:
         yield from map(fn, items)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         source = iter(items)
         pending = deque(pool.submit(fn, item) for item in islice(source, 4 * workers))
         while pending:
@@ -121,7 +137,8 @@ class SplitWriter:
             if state.get("build") != self.build:
                 raise InputError(
                     f"{self.store.url_of(name)} was built with other settings or input "
-                    f"({state.get('build')}); use another --out or delete it")
+                    f"({build_changes(state.get('build') or {}, self.build)}); shards of two builds must not "
+                    f"be mixed: use another --out or delete {self.store.url}")
             for shard in state["shards"]:
                 if not self.store.exists(shard["url"]) or self.store.size(shard["url"]) != shard["bytes"]:
                     raise InputError(f"{self.store.url_of(shard['url'])} is missing or changed since it was "
@@ -220,6 +237,94 @@ def _fingerprint(urls: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+def _resolved(url: str) -> str:
+    fs, path = fsspec.core.url_to_fs(url)
+    return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else url.rstrip("/")
+
+
+def files_identity(root: str, suffix: str, hash_contents: bool) -> str:
+    """sha256 over (path, size, mtime) of every `*suffix` under <root>/files, or over their contents."""
+    fs, path = fsspec.core.url_to_fs(root)
+    found = fs.find(f"{path.rstrip('/')}/files", detail=True)
+    digest = hashlib.sha256()
+    for name in sorted(n for n in found if n.endswith(suffix)):
+        info = found[name]
+        if hash_contents:
+            with fs.open(name, "rb") as f:
+                stamp = sha256_of(f)
+        else:
+            stamp = next((str(info[k]) for k in ("mtime", "LastModified", "updated", "ETag") if k in info), "")
+        digest.update(f"{name[len(path):]}\0{info['size']}\0{stamp}\n".encode())
+    return digest.hexdigest()
+
+
+# What each part of a build's identity means, for the message that refuses to mix two builds.
+IDENTITY_MEANING = {
+    "images_root": "the --images root", "reports_root": "the --reports root",
+    "images_files": "an image under <images>/files was added, removed or changed",
+    "reports_files": "a report under <reports>/files was added, removed or changed",
+    "input_tables_sha256": "a CSV table changed",
+}
+
+
+def build_changes(old: dict, new: dict) -> str:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            what = IDENTITY_MEANING.get(key, key)
+            changes.append(f"{what}: {old.get(key)!r} -> {new.get(key)!r}" if "files" not in key else what)
+    return "; ".join(changes)
+
+
+class OutputLock:
+    """One shard run at a time per local --out: an flock on <out>/.shard.lock, which the kernel drops when
+    its holder dies, so a lock file left by a killed run is taken over. Object stores (s3://) have no lock."""
+
+    NAME = ".shard.lock"
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._file = None
+
+    def __enter__(self) -> "OutputLock":
+        if not self.store.is_local:
+            log.warning("%s: no lock on object storage; make sure no other shard run writes there", self.store.url)
+            return self
+        os.makedirs(self.store.path, exist_ok=True)
+        path = os.path.join(self.store.path, self.NAME)
+        while True:
+            f = open(path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or "owner unknown"
+                f.close()
+                raise InputError(f"{self.store.url} is being written by another shard run ({owner}); wait for it "
+                                 "to finish or use another --out") from None
+            try:
+                if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()  # the previous holder removed the file between our open and our lock: lock the new one
+        f.seek(0)
+        if previous := f.read().strip():
+            log.warning("%s: taking over the lock left by a run that is no longer running (%s)", path, previous)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            os.remove(self._file.name)
+            self._file.close()
+            self._file = None
+
+
 def _tables(cfg: ShardConfig) -> tuple[str, str, str | None]:
     root = cfg.images.rstrip("/")
     metadata = cfg.metadata_csv or f"{root}/mimic-cxr-2.0.0-metadata.csv.gz"
@@ -236,19 +341,31 @@ def shard(cfg: ShardConfig) -> dict:
     """Build (or finish building) every split; returns the summary also written to <out>/summary.json."""
     cfg.validate()
     tables = _tables(cfg)
-    plans, unsplit = plan_studies(cfg.images, cfg.reports, *tables)
-    for s in unsplit:
+    planned = plan_studies(cfg.images, cfg.reports, *tables)
+    for row in planned.skipped_rows:
+        log.warning("%s, line %d not used: %s", row["file"], row["line"], row["reason"])
+    for s in planned.skipped_studies:
         log.warning("skipped s%d: %s", s["study_id"], s["reason"])
+    out = Store(cfg.out)
+    with OutputLock(out):
+        return _shard_locked(cfg, tables, planned, out)
+
+
+def _shard_locked(cfg: ShardConfig, tables: tuple[str, str, str | None], planned: Planned, out: Store) -> dict:
     options = SampleOptions(cfg.max_side, cfg.jpeg_quality, cfg.report_section, cfg.missing_report)
     build = {**dataclasses.asdict(options), "samples_per_shard": cfg.samples_per_shard,
              "max_shard_bytes": cfg.max_shard_bytes, "format": FORMAT,
-             "input_tables_sha256": _fingerprint(t for t in tables if t)}
-    out = Store(cfg.out)
-    summary: dict = {"build": build, "splits": {}, "skipped_without_split": unsplit}
+             "input_tables_sha256": _fingerprint(t for t in tables if t),
+             "images_root": _resolved(cfg.images), "reports_root": _resolved(cfg.reports),
+             "images_files": files_identity(cfg.images, ".jpg", cfg.hash_inputs),
+             "reports_files": files_identity(cfg.reports, ".txt", cfg.hash_inputs),
+             "input_identity": "sha256" if cfg.hash_inputs else "size+mtime"}
+    summary: dict = {"build": build, "splits": {}, "skipped_without_split": planned.skipped_studies,
+                     "skipped_rows": planned.skipped_rows}
     work = partial(build_sample, options=options)
     with logging_redirect_tqdm():
         for split in SPLITS:
-            split_plans = [p for p in plans if p.split == split]
+            split_plans = [p for p in planned.studies if p.split == split]
             writer = SplitWriter(out.child(split), split, build, cfg.samples_per_shard, cfg.max_shard_bytes)
             start = writer.state["studies_done"]
             if not writer.complete:
