@@ -257,8 +257,9 @@ def _ray_head(bin_dir: Path, env: dict, port: int, dashboard: int):
         while "block forever" not in log.read_text():  # printed once all is up
             assert head.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(1)
-        exposed = [entry for entry in _listeners(_processes_of(temp_dir, gcs)) if not _is_loopback(entry[1])]
-        assert not exposed, f"the Ray head listens beyond loopback: {exposed}"
+        listeners = _listeners(_processes_of(temp_dir, gcs))
+        exposed = [entry for entry in listeners if not _is_loopback(entry[1])]
+        assert listeners and not exposed, f"the Ray head listens beyond loopback: {exposed}"
         yield survivors
     finally:
         root = _process_or_none(head.pid)
