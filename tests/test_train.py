@@ -235,15 +235,19 @@ def _process_or_none(pid: int):
 
 @contextlib.contextmanager
 def _ray_head(bin_dir: Path, env: dict, port: int, dashboard: int):
-    """A Ray head on 127.0.0.2 of our own (its own temp dir), stopped by its PID with everything it started;
-    yields a set that receives the PIDs of its processes still running 30 s after it stopped (then killed)."""
+    """A Ray head on 127.0.0.1 of our own (its own temp dir), stopped by its PID with everything it started;
+    yields a set that receives the PIDs of its processes still running 30 s after it stopped (then killed).
+    Ray keeps node IP 127.0.0.1 (and binds its servers to loopback) only as a one-machine instance."""
     import psutil
 
+    from .test_network_exposure import _is_loopback, _listeners
+
     temp_dir = tempfile.mkdtemp(prefix="xr-")  # short: Ray's socket paths under it must stay < 108 bytes
-    gcs = f"127.0.0.2:{port}"
+    gcs = f"127.0.0.1:{port}"
     log = Path(temp_dir) / "head.log"
+    env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     with log.open("w") as out:  # ports with fixed defaults get free ones: another Ray may run on this machine
-        head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.2",
+        head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                                  "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                                  "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port",
                                  str(free_port()), "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp_dir],
@@ -254,6 +258,9 @@ def _ray_head(bin_dir: Path, env: dict, port: int, dashboard: int):
         while "block forever" not in log.read_text():  # printed once all is up
             assert head.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(1)
+        listeners = _listeners(_processes_of(temp_dir, gcs))
+        exposed = [entry for entry in listeners if not _is_loopback(entry[1])]
+        assert listeners and not exposed, f"the Ray head listens beyond loopback: {exposed}"
         yield survivors
     finally:
         root = _process_or_none(head.pid)

@@ -28,17 +28,16 @@ DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"  # package data,
 
 def init_distributed(timeout_s: int = 120) -> tuple[int, int, int]:
     """(rank, world size, local rank) from the torch.distributed environment (torchrun, Ray Train, or none:
-    a single process on 127.0.0.1). Reuses a process group that already exists."""
+    a single process on loopback). Reuses a process group that already exists."""
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" not in os.environ and not torch.distributed.is_initialized():
+        _init_loopback_process_group(backend, timedelta(seconds=timeout_s))
     if not torch.cuda.is_available():
         # DeepSpeed JIT-compiles a shared-memory op for CPU inference collectives at init (1-2 minutes of
         # g++); training collectives go through gloo, so skip it.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -46,12 +45,26 @@ def init_distributed(timeout_s: int = 120) -> tuple[int, int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
 
 
-def _free_port() -> int:
+def _init_loopback_process_group(backend: str, timeout: timedelta) -> None:
+    """A world of one process whose listeners are all on loopback. torch's TCPStore server listens on every
+    interface whatever host it is given, unless it is handed a listening socket: bind that to 127.0.0.1.
+    gloo and NCCL pick an interface of their own (the host name's address, the first non-loopback one)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    import psutil
+
+    listener = socket.create_server(("127.0.0.1", int(os.environ.get("MASTER_PORT", 0))))
+    port = listener.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    loopback = [name for name, addresses in psutil.net_if_addrs().items()
+                if any(a.address == "127.0.0.1" for a in addresses)]
+    if loopback:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback[0])
+    # the store owns the socket from here on (detach: Python must not close it too)
+    store = torch.distributed.TCPStore("127.0.0.1", port, 1, True, timeout, master_listen_fd=listener.detach())
+    torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
 def _allow_scalar_parameters_in_zero_init() -> None:

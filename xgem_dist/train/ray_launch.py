@@ -36,6 +36,20 @@ def check_worker_range(cfg: TrainConfig, launch: LaunchConfig) -> None:
     check_world_sizes(cfg, range(low, launch.num_workers + 1))
 
 
+def start_private_ray() -> None:
+    """A single-node Ray instance of our own, never another one running on this machine (address "local"),
+    with its servers on loopback. Ray binds them to loopback only when the node's IP is 127.0.0.1, and turns
+    that IP into the machine's address unless it runs as a one-machine instance (its mode on macOS and
+    Windows, which the driver decides here; the processes it starts get the IP from it)."""
+    from unittest import mock
+
+    import ray
+    from ray._private import ray_constants
+
+    with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+
+
 def launch_ray(cfg: TrainConfig, launch: LaunchConfig) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -51,9 +65,8 @@ def launch_ray(cfg: TrainConfig, launch: LaunchConfig) -> dict:
         address = launch.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
-        else:  # a private single-node cluster, never another one running on this machine ("local"); Ray maps
-            # 127.0.0.1 to the machine's address, not 127.0.0.2
-            ray.init(address="local", _node_ip_address="127.0.0.2", include_dashboard=False)
+        else:
+            start_private_ray()
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
     storage = launch.storage_path or str(Path(cfg.run_dir) / "ray")
     workers = (launch.min_workers, launch.num_workers) if launch.min_workers > 0 else launch.num_workers
