@@ -11,12 +11,14 @@ and `xgem_state.json` (step, samples consumed, data-stream state, RNG state, con
 - Loading on a world size other than the one that saved converts the checkpoint to DeepSpeed's
   universal format first (once per node, under $XGEM_SCRATCH or the temp dir), then loads with
   load_universal and deletes the conversion once every rank has loaded it.
+- Before a resume builds the engine, the checkpoint is checked for completeness (checkpoint_problem); a
+  damaged newest one is skipped by name for the previous complete one. Its files are read as data only
+  (safe_load).
 """
 
 from __future__ import annotations
 
 import base64
-import glob
 import hashlib
 import json
 import logging
