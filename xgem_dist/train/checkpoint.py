@@ -11,12 +11,14 @@ and `xgem_state.json` (step, samples consumed, data-stream state, RNG state, con
 - Loading on a world size other than the one that saved converts the checkpoint to DeepSpeed's
   universal format first (once per node, under $XGEM_SCRATCH or the temp dir), then loads with
   load_universal and deletes the conversion once every rank has loaded it.
+- Before a resume builds the engine, the checkpoint is checked for completeness (checkpoint_problem); a
+  damaged newest one is skipped by name for the previous complete one. Its files are read as data only
+  (safe_load).
 """
 
 from __future__ import annotations
 
 import base64
-import glob
 import hashlib
 import json
 import logging
@@ -36,20 +38,53 @@ LATEST = "latest_checkpoint"
 
 
 def saved_world_size(folder: str | Path) -> int:
-    folder = Path(folder)
-    tag = (folder / "latest").read_text().strip()
-    return len(glob.glob(str(folder / tag / "*_optim_states.pt")))
+    return int(CheckpointManager.read_state(Path(folder))["world_size"])
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What makes a checkpoint folder unusable (the missing or damaged file, named), or None if it is complete:
+    the state file parses and every rank file of the world size that saved it is there and not empty."""
+    state_file, latest = folder / STATE, folder / "latest"
+    if not folder.is_dir():
+        return f"{folder}: no such checkpoint folder"
+    try:
+        state = json.loads(state_file.read_text())
+        world_size, _ = int(state["world_size"]), int(state["step"])
+    except FileNotFoundError:
+        return f"{state_file} is missing"
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{state_file} is damaged ({type(error).__name__}: {error})"
+    if not latest.is_file() or not latest.read_text().strip():
+        return f"{latest} (DeepSpeed's tag pointer) is missing or empty"
+    tag_dir = folder / latest.read_text().strip()
+    # ZeRO-3 writes a model file per rank, ZeRO-1/2 one for all; every stage an optimizer file per rank
+    per_rank_models = any(tag_dir.glob("zero_pp_rank_*_model_states.pt"))
+    patterns = [f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(world_size)]
+    patterns += ([f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in range(world_size)]
+                 if per_rank_models else ["mp_rank_00_model_states.pt"])
+    for pattern in patterns:
+        found = sorted(tag_dir.glob(pattern))
+        if not found:
+            return f"{tag_dir / pattern.lstrip('*')} is missing (the checkpoint was saved by {world_size} rank(s))"
+        if found[0].stat().st_size == 0:
+            return f"{found[0]} is empty"
+    return None
 
 
 def to_universal(folder: str | Path, scratch: str | Path) -> Path:
-    """DeepSpeed's ds_to_universal into `scratch`; returns the folder to load with load_universal."""
+    """DeepSpeed's ds_to_universal into `scratch` (reading the checkpoint as data only, see safe_load);
+    returns the folder to load with load_universal."""
     folder, scratch = Path(folder), Path(scratch)
     tag = (folder / "latest").read_text().strip()
     target = scratch / f"{tag}_universal"
     if not (scratch / "latest_universal").exists():
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(folder / tag), "--output_folder", str(target), "--num_extract_workers", "1",
-                        "--num_merge_workers", "1"], check=True, capture_output=True)
+        converted = subprocess.run([sys.executable, "-m", "xgem_dist.train.safe_load", "--input_folder",
+                                    str(folder / tag), "--output_folder", str(target), "--num_extract_workers", "1",
+                                    "--num_merge_workers", "1"], capture_output=True, text=True)
+        if converted.returncode != 0:
+            shown = "\n".join(converted.stderr.strip().splitlines()[-20:])
+            raise ValueError(f"{folder / tag}: DeepSpeed's universal conversion (for a resume on another world "
+                             f"size) failed with exit code {converted.returncode}:\n{shown}")
     return scratch
 
 
@@ -114,7 +149,7 @@ class CheckpointManager:
         if explicit == "none":
             yield None
         elif explicit != "auto":
-            yield Path(explicit)
+            yield _complete(Path(explicit), f"resume={explicit}")
         elif self.use_ray:
             import ray.train
 
@@ -123,10 +158,32 @@ class CheckpointManager:
                 yield None
             else:
                 with checkpoint.as_directory() as folder:
-                    yield Path(folder)
+                    yield _complete(Path(folder), "Ray's latest checkpoint")
         else:
-            pointer = self.folder / LATEST
-            yield self.folder / pointer.read_text().strip() if pointer.exists() else None
+            yield self._newest_complete()
+
+    def _newest_complete(self) -> Path | None:
+        """The folder `latest_checkpoint` names if it is complete, else (with a warning naming what is wrong)
+        the newest complete one before it; None for a fresh run."""
+        pointer = self.folder / LATEST
+        candidates = sorted((p for p in self.folder.glob("checkpoint-*") if p.is_dir() and p.suffix != ".partial"),
+                            reverse=True)
+        if pointer.exists():
+            named = self.folder / pointer.read_text().strip()
+            candidates = [named] + [p for p in candidates if p != named]
+        problems = []
+        for folder in candidates:
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                if problems and self.rank == 0:
+                    log.warning("skipping damaged or incomplete checkpoint(s): %s; resuming from %s",
+                                "; ".join(problems), folder)
+                return folder
+            problems.append(problem)
+        if problems:
+            raise ValueError(f"no complete checkpoint in {self.folder} to resume from: {'; '.join(problems)}. "
+                             "Restore the files, or start over with --set resume=none (or another --run-dir)")
+        return None
 
     # ---- saving
     def save(self, engine, state: dict, tag: str, metrics: dict, fail_in_save: bool = False) -> None:
@@ -212,3 +269,10 @@ class CheckpointManager:
     @staticmethod
     def read_state(folder: Path) -> dict:
         return json.loads((folder / STATE).read_text())
+
+
+def _complete(folder: Path, what: str) -> Path:
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise ValueError(f"{what}: the checkpoint is damaged or incomplete: {problem}")
+    return folder

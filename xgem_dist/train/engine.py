@@ -67,11 +67,12 @@ def _init_loopback_process_group(backend: str, timeout: timedelta) -> None:
     torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
-def _allow_scalar_parameters_in_zero_init() -> None:
-    """DeepSpeed 0.19's zero.Init broadcasts each new parameter through a uint8 view, which a 0-dim tensor
-    (CLIP's logit_scale) cannot give ("self.dim() cannot be 0 to view"); broadcast those through a
-    1-element view of the same storage instead."""
+def _allow_scalar_parameters() -> None:
+    """DeepSpeed 0.19 broadcasts parameters through a uint8 view, which a 0-dim tensor (CLIP's logit_scale)
+    cannot give ("self.dim() cannot be 0 to view"): in zero.Init (ZeRO-3) for each new parameter, and in the
+    engine's initial broadcast (ZeRO-0/1/2). Both see such parameters as a 1-element view of the same storage."""
     from deepspeed import comm as dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero.partition_parameters import Init
 
     if getattr(Init, "_xgem_scalars", False):
@@ -87,7 +88,20 @@ def _allow_scalar_parameters_in_zero_init() -> None:
         dist.broadcast(param.data.reshape(1).view(torch.uint8), source, group)
         param.partition()
 
+    broadcast_model = DeepSpeedEngine._broadcast_model
+
+    def broadcast_model_with_scalars(self):
+        scalars = [p for p in self.module.parameters() if p.dim() == 0]
+        for param in scalars:
+            param.data = param.data.reshape(1)
+        try:
+            broadcast_model(self)
+        finally:
+            for param in scalars:
+                param.data = param.data.reshape(())
+
     Init._zero_init_param = zero_init_param
+    DeepSpeedEngine._broadcast_model = broadcast_model_with_scalars
     Init._xgem_scalars = True
 
 
@@ -158,7 +172,7 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
 
     ds = deepspeed_config(cfg, world_size, load_universal)
     zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
-    _allow_scalar_parameters_in_zero_init()
+    _allow_scalar_parameters()
     # transformers partitions (and initialises) its models itself while this object is alive
     hf_zero3 = HfDeepSpeedConfig(copy.deepcopy(ds)) if zero3 else None  # noqa: F841
     init = (lambda: deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(ds))) if zero3 else None

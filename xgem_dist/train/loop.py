@@ -25,6 +25,7 @@ from .checkpoint import CheckpointManager, fingerprint, restore_rng, rng_state
 from .collectives import Collectives
 from .engine import build_engine, check_world_sizes, init_distributed
 from .preemption import StopRequest
+from .safe_load import data_only_loads
 from .weights import restore_frozen
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
                               universal)
         collectives = Collectives(engine.device, world)
         if folder is not None:
-            path, _ = engine.load_checkpoint(str(load_from))
+            with data_only_loads():
+                path, _ = engine.load_checkpoint(str(load_from))
             if path is None:
                 raise RuntimeError(f"{load_from}: DeepSpeed found no checkpoint to load")
             if universal:  # DeepSpeed's universal load restores optimizer-owned parameters only

@@ -1,7 +1,7 @@
 """Read single parameters out of a DeepSpeed ZeRO checkpoint without loading it whole.
 
-The rank files are opened with torch.load(mmap=True): a parameter's bytes are read only when its
-slice is taken, so host memory stays at the size of what one asks for. Layout (ZeRO-3, as DeepSpeed's
+The rank files are opened with torch.load(mmap=True) as data only (safe_load): a parameter's bytes are
+read only when its slice is taken, so host memory stays at the size of what one asks for. Layout (ZeRO-3, as DeepSpeed's
 zero_to_fp32 reads it): a parameter of n elements is split over W ranks in partitions of
 p = ceil(n / W) elements (the last one zero padded). Trainable parameters live in each rank's fp32
 optimizer partitions (`fp32_flat_groups`, parameters in `param_shapes` order, each taking p elements
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LATEST, STATE
+from .safe_load import load_data
 
 
 def _rank_of(path: Path) -> int:
@@ -29,7 +30,7 @@ def _rank_of(path: Path) -> int:
 
 
 def _mapped(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return load_data(path, map_location="cpu", mmap=True)
 
 
 def newest_checkpoint(src: str | Path) -> Path:
