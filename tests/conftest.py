@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -47,6 +48,29 @@ def realdata() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not found at {path} (it ships only beside the project's CI checkout)")
     return path
+
+
+@contextlib.contextmanager
+def loopback_ray_cluster(worker_ips: tuple[str, ...], nodes: dict | None = None):
+    """A Ray cluster of loopback nodes (head on 127.0.0.2 without CPUs, one CPU per worker node) with this
+    process connected; shut down through its own handle. nodes: filled with ip -> node."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2",
+                                                            "include_dashboard": False})
+    try:
+        for ip in worker_ips:
+            node = cluster.add_node(num_cpus=1, node_ip_address=ip)
+            if nodes is not None:
+                nodes[ip] = node
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def free_port() -> int:

@@ -13,6 +13,8 @@ import pytest
 
 from xgem_dist.config import LaunchConfig, TrainConfig
 
+from .conftest import loopback_ray_cluster
+
 
 STEPS, CHECKPOINT_EVERY, DEADLINE_S = 12, 1000, 12.0
 
@@ -61,33 +63,23 @@ def _preempt_rank1_node(cluster, nodes: dict, run_dir: Path, storage: Path, over
 
 @pytest.mark.slow
 def test_ray_preempted_node_saves_a_checkpoint_and_the_run_resumes_from_it(shards, tmp_path):
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
+    pytest.importorskip("ray")
     from xgem_dist.train.ray_launch import launch_ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2",
-                                                            "include_dashboard": False})
     run_dir, nodes, over, outcome = tmp_path / "run", {}, threading.Event(), {}
     storage = run_dir / "ray" / "preempted"
-    reclaim = threading.Thread(target=_preempt_rank1_node, args=(cluster, nodes, run_dir, storage, over, outcome))
-    reclaim.start()
-    try:
-        # two nodes for the two workers and a spare: Ray places nothing new on a draining node
-        for ip in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
-            nodes[ip] = cluster.add_node(num_cpus=1, node_ip_address=ip)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
-        train = TrainConfig(shards=shards, run_dir=str(run_dir), steps=STEPS, global_batch=4,
-                            checkpoint_every=CHECKPOINT_EVERY)
-        # max_failures=0: only a restart counted as a preemption lets the run go on
-        result = launch_ray(train, LaunchConfig(num_workers=2, max_failures=0, name="preempted", timeout_s=60))
-    finally:
-        over.set()
-        reclaim.join(60)
-        ray.shutdown()
-        cluster.shutdown()
+    # two nodes for the two workers and a spare: Ray places nothing new on a draining node
+    with loopback_ray_cluster(("127.0.0.3", "127.0.0.4", "127.0.0.5"), nodes) as cluster:
+        reclaim = threading.Thread(target=_preempt_rank1_node, args=(cluster, nodes, run_dir, storage, over, outcome))
+        reclaim.start()
+        try:
+            train = TrainConfig(shards=shards, run_dir=str(run_dir), steps=STEPS, global_batch=4,
+                                checkpoint_every=CHECKPOINT_EVERY)
+            # max_failures=0: only a restart counted as a preemption lets the run go on
+            result = launch_ray(train, LaunchConfig(num_workers=2, max_failures=0, name="preempted", timeout_s=60))
+        finally:
+            over.set()
+            reclaim.join(60)
     assert "error" not in outcome, repr(outcome.get("error"))
     names = sorted(p.name for p in storage.glob("checkpoint-*"))
     assert len(names) == 2 and names[-1] == f"checkpoint-{STEPS:07d}", names

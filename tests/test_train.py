@@ -19,7 +19,7 @@ import torch
 from xgem_dist.config import TrainConfig
 from xgem_dist.train.engine import deepspeed_config, lr_lambda
 
-from .conftest import free_port
+from .conftest import free_port, loopback_ray_cluster
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "RAY_DISABLE_USAGE_STATS": "1", "RAY_AUTH_MODE": "disabled"}
 
@@ -183,27 +183,15 @@ def test_sigterm_saves_a_checkpoint_and_stops(shards, tmp_path):
 
 @pytest.mark.slow
 def test_ray_two_nodes_a_worker_killed_training_resumes(shards, tmp_path):
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
+    pytest.importorskip("ray")
     from xgem_dist.config import LaunchConfig
     from xgem_dist.train.ray_launch import launch_ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.2",
-                                                            "include_dashboard": False})
-    try:
-        for ip in ("127.0.0.3", "127.0.0.4"):
-            cluster.add_node(num_cpus=1, node_ip_address=ip)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
-        run_dir = tmp_path / "run"
+    run_dir = tmp_path / "run"
+    with loopback_ray_cluster(("127.0.0.3", "127.0.0.4")):
         train = TrainConfig(shards=shards, run_dir=str(run_dir), steps=6, global_batch=4, checkpoint_every=2,
                             fail_at_step=3)
         result = launch_ray(train, LaunchConfig(num_workers=2, max_failures=2, name="two-nodes", timeout_s=60))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     assert result["metrics"]["step"] == 6 and result["checkpoint"].endswith("checkpoint-0000006")
     placements = [json.loads(p.read_text()) for p in (run_dir / "placement").glob("*.json")]
     assert {p["node_ip"] for p in placements} == {"127.0.0.3", "127.0.0.4"}
