@@ -31,7 +31,7 @@ download() {  # download FOLDER REQUIREMENT...
     "${platforms[@]}" -d "$into" "$@"
 }
 # versions: those this project is tested with; the libraries' needs that the CUDA image lacks
-download "$work/core" diffusers==0.42.1 importlib_metadata==10.2.0 webdataset==1.0.2 braceexpand hjson \
+download "$work/core" diffusers==0.42.1 importlib_metadata==10.2.0 webdataset==1.0.2 simplejpeg==1.9.0 braceexpand hjson \
   pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
 # DALI's pins: libnvcomp 5 (not the newest, 6) and nvimgcodec[all] (nvjpeg, nvjpeg2k, nvtiff); --no-deps checks none
 download "$work/dali/wheels" nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnvcomp-cu13==5.3.0.16 \

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 import fsspec
+import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .mimic import StudyPlan
@@ -50,53 +51,16 @@ def decode_at_eighth_scale(image: Image.Image) -> None:
     image.load()
 
 
-# Markers that may follow a scan (progressive tables and scans, restart interval, comments, APPn, EOI).
-_AFTER_SCAN = {0xC4, 0xCC, 0xD9, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)}
-
-
-def scan_damage(raw: bytes) -> str | None:
-    """Damage in a JPEG's marker structure and scan data that libjpeg only warns about ("Corrupt JPEG data":
-    extraneous bytes, a scan cut short by an end-of-image marker, restart markers missing their interval or
-    out of order) and PIL never reports. Found from the markers alone, without Huffman decoding, so damage
-    inside the Huffman codes themselves (e.g. zeroed bytes) is not seen. None when the structure is sound.
-    """
-    i, end, interval = 2, len(raw), 0
-    while i + 1 < end:
-        if raw[i] != 0xFF:
-            skip = raw.find(b"\xff", i)
-            return f"{(skip if skip >= 0 else end) - i} extraneous bytes at offset {i}"
-        marker = raw[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0xD9:
-            trailing = raw[i + 2 :].strip(b"\x00\xff")
-            return f"{len(trailing)} bytes after the end-of-image marker at offset {i}" if trailing else None
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            return f"marker 0x{marker:02x} outside scan data at offset {i}"
-        if marker == 0xDD:
-            interval = int.from_bytes(raw[i + 4 : i + 6], "big")
-        i += 2 + int.from_bytes(raw[i + 2 : i + 4], "big")
-        if marker != 0xDA:
-            continue
-        restart = 0
-        while (j := raw.find(b"\xff", i)) >= 0 and j + 1 < end:
-            following = raw[j + 1]
-            if following in (0x00, 0xFF):  # stuffed 0xFF or fill
-                i = j + 1 + (following == 0x00)
-            elif 0xD0 <= following <= 0xD7:
-                if not interval or following - 0xD0 != restart:
-                    due = f"{restart} was due" if interval else "no restart interval is set"
-                    return f"restart marker {following - 0xD0} where {due}, at offset {j}"
-                restart, i = (restart + 1) % 8, j + 2
-            elif following in _AFTER_SCAN:
-                i = j
-                break
-            else:
-                return f"scan data cut by marker 0x{following:02x} at offset {j}"
-        else:
-            return "scan data runs to the end of the file"
-    return "no end-of-image marker"
+def libjpeg_damage(raw: bytes) -> str | None:
+    """What libjpeg-turbo reports about a JPEG that it still decodes and PIL never mentions ("Corrupt JPEG
+    data": damaged Huffman codes, extraneous bytes, a scan cut short, restart markers out of order):
+    simplejpeg's strict mode turns those warnings into errors. The whole entropy-coded stream is decoded,
+    at the smallest DCT scale (cheap). None when libjpeg has nothing to say."""
+    try:
+        simplejpeg.decode_jpeg(raw, colorspace="GRAY", strict=True, min_height=1, min_width=1)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def prepare_image(raw: bytes, options: SampleOptions) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
@@ -130,7 +94,7 @@ def prepare_image(raw: bytes, options: SampleOptions) -> tuple[bytes, tuple[int,
             if image.size != target:
                 image = image.resize(target, Image.Resampling.LANCZOS)
             stored, stored_size = encode_jpeg(image, options.jpeg_quality), target
-        if damage := scan_damage(raw):  # what libjpeg decoded with a warning only
+        if damage := libjpeg_damage(raw):  # what libjpeg decoded with a warning only
             raise BadImage(f"corrupt JPEG data: {damage}")
         return stored, size, stored_size
     except BadImage:
