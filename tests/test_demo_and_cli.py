@@ -98,3 +98,18 @@ def test_quickstart_runs_end_to_end(tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert "train/loss" in events.Tags()["scalars"]
+
+
+def test_an_output_that_cannot_be_written_is_a_message_not_a_traceback(monkeypatch, capsys, demo, tmp_path):
+    import xgem_dist.data.shard as shard_module
+    from xgem_dist.cli import main
+
+    def onto_a_full_disk(cfg):
+        with open("/dev/full", "wb") as f:  # every write fails with ENOSPC, as on a full disk
+            f.write(b"x" * 65536)
+
+    monkeypatch.setattr(shard_module, "shard", onto_a_full_disk)
+    assert main(["shard", "--images", demo["root"], "--reports", demo["root"], "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "xgem-dist: error: cannot write" in err and "No space left on device" in err
+    assert "rerun the same command" in err and "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -11,6 +12,10 @@ import sys
 
 from .config import LaunchConfig, ShardConfig, TrainConfig, build_config
 from .presets import preset_path
+
+
+# errors of an output that cannot be written (full, read-only, not permitted, over quota)
+UNWRITABLE = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 def _add_shard_args(p: argparse.ArgumentParser) -> None:
@@ -217,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"xgem-dist: error: {e}", file=sys.stderr)
             return 2
         raise
+    except OSError as e:  # the output cannot be written: every writer is atomic, so nothing written is lost
+        if e.errno not in UNWRITABLE:
+            raise
+        print(f"xgem-dist: error: cannot write {e.filename or 'the output'}: {e.strerror}. What was already "
+              "written is complete and kept; free space or fix the permissions, then rerun the same command "
+              "(it resumes)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
