@@ -182,3 +182,26 @@ def test_zero2_trains_and_resumes_on_two_ranks(zero2_run, shards, tmp_path):
     summaries = _summaries(run)
     assert [(s["world_size"], s["start_step"], s["end_step"]) for s in summaries] == [(2, 0, 2), (2, 2, 3)]
     assert all(math.isfinite(s["last_loss"]) for s in summaries)
+
+
+@pytest.mark.slow
+def test_under_ray_a_damaged_newest_checkpoint_falls_back_to_the_one_before(shards, tmp_path):
+    ray = pytest.importorskip("ray")
+    import dataclasses
+
+    from xgem_dist.config import LaunchConfig, TrainConfig
+    from xgem_dist.train.ray_launch import launch_ray
+
+    run_dir = tmp_path / "run"
+    train = TrainConfig(shards=shards, run_dir=str(run_dir), steps=6, stop_at=4, global_batch=4, checkpoint_every=2,
+                        profile_flops=False)
+    launch = LaunchConfig(num_workers=1, name="damaged", max_failures=0, timeout_s=60)
+    try:
+        launch_ray(train, launch)
+        newest = run_dir / "ray" / "damaged" / "checkpoint-0000004"
+        (newest / "xgem_state.json").unlink()  # Ray still lists it as the run's latest checkpoint
+        launch_ray(dataclasses.replace(train, stop_at=0), launch)  # the same --name: Ray resumes the run
+    finally:
+        ray.shutdown()
+    summary = json.loads((run_dir / "summary.jsonl").read_text().splitlines()[-1])
+    assert summary["resumed_from"].endswith("checkpoint-0000002") and summary["end_step"] == 6

@@ -157,10 +157,35 @@ class CheckpointManager:
             if checkpoint is None:
                 yield None
             else:
-                with checkpoint.as_directory() as folder:
-                    yield _complete(Path(folder), "Ray's latest checkpoint")
+                with self._newest_complete_in_storage(checkpoint) as folder:
+                    yield folder
         else:
             yield self._newest_complete()
+
+    @contextmanager
+    def _newest_complete_in_storage(self, latest):
+        """Ray's latest checkpoint if it is complete, else (with a warning naming what is wrong) the newest
+        complete one beside it in the run's storage (Ray keeps the last `keep_checkpoints`)."""
+        from pyarrow import fs
+        from ray.train import Checkpoint
+
+        parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+        beside = latest.filesystem.get_file_info(fs.FileSelector(parent))
+        older = sorted((info.path for info in beside if info.type == fs.FileType.Directory
+                        and info.base_name.startswith("checkpoint-") and info.path != latest.path), reverse=True)
+        problems = []
+        for path in [latest.path, *older]:
+            with Checkpoint(path, latest.filesystem).as_directory() as folder:
+                problem = checkpoint_problem(Path(folder))
+                if problem is None:
+                    if problems and self.rank == 0:
+                        log.warning("skipping damaged or incomplete checkpoint(s): %s; resuming from %s",
+                                    "; ".join(problems), path)
+                    yield Path(folder)
+                    return
+            problems.append(f"{path}: {problem}")
+        raise ValueError(f"no complete checkpoint in {parent} to resume from: {'; '.join(problems)}. Restore "
+                         "the files, or start over under another --name")
 
     def _newest_complete(self) -> Path | None:
         """The folder `latest_checkpoint` names if it is complete, else (with a warning naming what is wrong)
