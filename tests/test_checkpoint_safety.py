@@ -186,22 +186,16 @@ def test_zero2_trains_and_resumes_on_two_ranks(zero2_run, shards, tmp_path):
 
 @pytest.mark.slow
 def test_under_ray_a_damaged_newest_checkpoint_falls_back_to_the_one_before(shards, tmp_path):
-    ray = pytest.importorskip("ray")
-    import dataclasses
-
-    from xgem_dist.config import LaunchConfig, TrainConfig
-    from xgem_dist.train.ray_launch import launch_ray
-
+    pytest.importorskip("ray")
     run_dir = tmp_path / "run"
-    train = TrainConfig(shards=shards, run_dir=str(run_dir), steps=6, stop_at=4, global_batch=4, checkpoint_every=2,
-                        profile_flops=False)
-    launch = LaunchConfig(num_workers=1, name="damaged", max_failures=0, timeout_s=60)
-    try:
-        launch_ray(train, launch)
-        newest = run_dir / "ray" / "damaged" / "checkpoint-0000004"
-        (newest / "xgem_state.json").unlink()  # Ray still lists it as the run's latest checkpoint
-        launch_ray(dataclasses.replace(train, stop_at=0), launch)  # the same --name: Ray resumes the run
-    finally:
-        ray.shutdown()
+    args = [sys.executable, "-m", "xgem_dist.cli", "train", "--num-workers", "1", "--name", "damaged",
+            "--max-failures", "0", "--shards", shards, "--run-dir", str(run_dir), "--steps", "6",
+            "--set", "global_batch=4", "--set", "checkpoint_every=2", "--set", "profile_flops=false"]
+    first = subprocess.run([*args, "--set", "stop_at=4"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = run_dir / "ray" / "damaged" / "checkpoint-0000004"
+    (newest / "xgem_state.json").unlink()  # Ray still lists it as the run's latest checkpoint
+    again = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600)  # the same --name: resumes
+    assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((run_dir / "summary.jsonl").read_text().splitlines()[-1])
     assert summary["resumed_from"].endswith("checkpoint-0000002") and summary["end_step"] == 6

@@ -83,29 +83,46 @@ def test_single_process_training_listens_on_loopback_only(shards, tmp_path):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+PRIVATE_RAY = """
+import json, os, psutil, ray
+from xgem_dist.train.ray_launch import start_private_ray
+start_private_ray()
+try:
+    started = {kind: [info.process.pid for info in infos]  # the processes this instance started
+               for kind, infos in ray._private.worker._global_node.all_processes.items()}
+
+    @ray.remote
+    def worker_pid() -> int:
+        return os.getpid()
+
+    worker = ray.get(worker_pid.remote())  # a worker process is up and serving
+    pids = {pid for pids in started.values() for pid in pids} | {worker, os.getpid()}
+    for pid in list(pids):
+        pids |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    listeners = []
+    for pid in pids:
+        try:
+            listeners += [[pid, c.laddr.ip, c.laddr.port] for c in psutil.Process(pid).net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    print(json.dumps({"started": started, "worker": worker, "listeners": listeners,
+                      "node_ip": ray.util.get_node_ip_address()}))
+finally:
+    ray.shutdown()
+"""
+
+
 def test_the_private_ray_instance_listens_on_loopback_only():
-    ray = pytest.importorskip("ray")
-    from xgem_dist.train.ray_launch import start_private_ray
-
-    if ray.is_initialized():
-        pytest.skip("this process is already attached to a Ray instance")
-    start_private_ray()
-    try:
-        started = {kind: [info.process.pid for info in infos]  # the processes this instance started
-                   for kind, infos in ray._private.worker._global_node.all_processes.items()}
-
-        @ray.remote
-        def worker_pid() -> int:
-            return os.getpid()
-
-        worker = ray.get(worker_pid.remote())  # a worker process is up and serving
-        node_ip = ray.util.get_node_ip_address()
-        listeners = _listeners(_with_children({pid for pids in started.values() for pid in pids})
-                               | {worker, os.getpid()})
-    finally:
-        ray.shutdown()
+    """In a process of its own: a Ray instance started in pytest's process would stay its driver's."""
+    pytest.importorskip("ray")
+    done = subprocess.run([sys.executable, "-c", PRIVATE_RAY], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    started, worker = seen["started"], seen["worker"]
+    listeners = {tuple(entry) for entry in seen["listeners"]}
     servers = {pid for pid, _, _ in listeners}
     assert {*started["gcs_server"], *started["raylet"], worker} <= servers, (started, listeners)
     exposed = [entry for entry in listeners if not _is_loopback(entry[1])]
     assert not exposed, f"listening beyond loopback: {exposed}"
-    assert node_ip == "127.0.0.1"
+    assert seen["node_ip"] == "127.0.0.1"
