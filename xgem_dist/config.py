@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,12 +72,6 @@ def build_config(cls: type[T], preset: str | Path | None = None, overrides: dict
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
     return cls(**{k: _coerce(v, hints[k]) for k, v in values.items()})
-
-
-def config_hash(config: Any, exclude: tuple[str, ...] = ()) -> str:
-    """A stable hash of a dataclass's fields, to detect a resume under different settings."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in exclude}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass

@@ -2,7 +2,8 @@
 any world size.
 
 A checkpoint folder holds DeepSpeed's `latest` + `<tag>/` (model and optimizer shards of each rank)
-and `xgem_state.json` (step, samples consumed, data-stream state, RNG state, config hash).
+and `xgem_state.json` (step, samples consumed, data-stream state, RNG state per rank, the TrainConfig and
+the model configuration: a resume that would change the trajectory is refused from them).
 - Local launchers: ranks write `<run_dir>/checkpoints/<tag>.partial/`; after a barrier rank 0 adds the
   state, renames the folder to `<tag>` and only then points `latest` at it; the last K are kept. A
   crash mid-save leaves a `.partial` folder that nothing reads.

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import TrainConfig, config_hash
+from ..config import TrainConfig
 from ..data.loader import ShardLoader
 from ..model.diffusion import GlobalBatch
 from ..model.export import config_to_dict
@@ -93,7 +93,6 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
                          last_batch=cfg.last_batch, pin_memory=cfg.pin_memory)
     reader.tokenizers = tokenizers = _tokenizers(cfg, reader)
     checkpoints = CheckpointManager(run_dir / "checkpoints", rank, world, cfg.keep_checkpoints, use_ray)
-    our_hash = config_hash(cfg, exclude=RESUMABLE_CHANGES)
     start, resumed_from = 0, None
     with checkpoints.latest(cfg.resume) as folder:
         if folder is not None:
@@ -169,8 +168,7 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end or stop:
             state = {"step": step + 1, "samples_consumed": reader.epoch * len(reader.samples) + reader.consumed,
                      "data": reader.state_dict(), "rng": collectives.gather_objects(rng_state()), "world_size": world,
-                     "config_hash": our_hash, "config": dataclasses.asdict(cfg),
-                     "model_config": config_to_dict(task.model.config)}
+                     "config": dataclasses.asdict(cfg), "model_config": config_to_dict(task.model.config)}
             if cfg.fingerprints:
                 _dump(engine, run_dir / f"fingerprint-save-step{step + 1}-w{world}.pt", rank)
             fail = step + 1 == cfg.fail_in_save_at_step and rank == world - 1 and _once(cfg.run_dir, "failed_in_save")

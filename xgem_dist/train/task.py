@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.diffusion import (GlobalBatch, PerSampleRandom, PromptPolicy, image_latents, joint_loss, multi_prompt_context,
-                               stream_loss, text_latents, training_scheduler)
+from ..model.diffusion import (GlobalBatch, PerSampleRandom, PromptPolicy, image_latents, joint_loss,
+                               multi_prompt_context, stream_loss, text_latents, training_scheduler)
 from ..model.encoders import clip_image_token, clip_text_token
 from ..model.objectives import clip_contrastive_loss, clip_pixels, cyclic_beta, optimus_loss
 from ..model.tokenizers import Tokenizers
