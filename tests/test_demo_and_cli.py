@@ -82,22 +82,38 @@ def test_recipe_and_flag_override(demo, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
-    """The README's main command: shards, 2 Ray workers with a kill, then 1 worker, TensorBoard logs."""
+    """The README's main command, judged by what it observed: shards; 2 Ray workers with validation, EMA and
+    samples, one killed on purpose and restarted from a checkpoint; 1 worker resuming the 2-worker checkpoint;
+    an EMA export; a sampled image and report; a short output without tracebacks."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "RAY_DISABLE_USAGE_STATS": "1"}
     done = subprocess.run([sys.executable, "-m", "xgem_dist.cli", "quickstart", "--workdir", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert "[2/5] shards: 63 samples in 6 shards, verify OK" in out
-    assert "[3/5] 2 workers: a worker was killed at step 5" in out and "finished step 8" in out
-    assert "[4/5] 1 worker: resumed from the 2-worker checkpoint and finished step 12" in out
-    runs = [json.loads(line) for line in (tmp_path / "run" / "summary.jsonl").read_text().splitlines()]
+    print(out)
+    assert "[2/7] shards: 63 samples in 6 shards, verify OK" in out
+    assert ("a worker was killed after step 5 on purpose; Ray restarted the group, which resumed from "
+            "checkpoint-0000004 and finished step 8") in out
+    assert "[4/7] 1 worker: resumed from checkpoint-0000008 (saved by 2 workers) and finished step 12" in out
+    assert "Traceback" not in out + done.stderr and "Failed to query" not in out + done.stderr
+    lines = len((out + done.stderr).splitlines())
+    print(f"quickstart output: {lines} lines")
+    assert lines < 60
+    run_dir = tmp_path / "run"
+    runs = [json.loads(line) for line in (run_dir / "summary.jsonl").read_text().splitlines()]
     assert [(r["world_size"], r["start_step"], r["end_step"]) for r in runs] == [(2, 4, 8), (1, 8, 12)]
+    assert [v["step"] for r in runs for v in r["validations"]] == [6, 8, 10, 12]
+    assert (run_dir / "samples" / "step-0000008" / "T-to-F.png").is_file()
+    assert (run_dir / "samples" / "step-0000012" / "F-to-T.txt").is_file()
+    assert (tmp_path / "model" / "tokenizers").is_dir()
+    written = sorted(p.suffix for p in (tmp_path / "sample").iterdir())
+    assert ".png" in written and ".txt" in written
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
-    assert "train/loss" in events.Tags()["scalars"]
+    assert {"train/loss", "val/loss", "val_ema/loss", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    assert "samples/T->F" in events.Tags()["images"]
 
 
 def test_an_output_that_cannot_be_written_is_a_message_not_a_traceback(monkeypatch, capsys, demo, tmp_path):

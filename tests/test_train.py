@@ -51,10 +51,14 @@ def _summaries(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "summary.jsonl").read_text().splitlines()]
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss, the last record of each step (a resumed part appends its own)."""
+def _losses(run_dir: Path, name: str = "train/loss") -> dict[int, float]:
+    """step -> figure, the last record of each step that has it (a resumed part appends its own)."""
     rows = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
-    return {row["step"]: row["train/loss"] for row in rows}
+    return {row["step"]: row[name] for row in rows if name in row}
+
+
+def _faults(**spec) -> dict:
+    return {"XGEM_FAULTS": json.dumps(spec)}
 
 
 def _relative(a: float, b: float) -> float:
@@ -83,24 +87,27 @@ def test_a_split_run_over_world_sizes_continues_the_uninterrupted_trajectory(sha
     """From given weights, W=2 for 8 steps vs W=2 to step 4 -> W=1 to step 6 -> W=3 to step 8, one schedule
     over 8 steps: the same per-step losses, every parameter (frozen ones too) and the Adam moments (the demo's
     missing views are masked out of a mean over the whole global batch, every draw comes from per-sample seeds,
-    frozen weights come back from the checkpoint on any world size)."""
+    frozen weights come back from the checkpoint on any world size); the same validation losses every 2 steps
+    (at W=1, 2 and 3, before and after each resume), and the same EMA at the end (re-partitioned 2->1->3)."""
+    from xgem_dist.train.weights import export
     from xgem_dist.model.export import save_components
     from xgem_dist.model.xgem import build_xgem
 
     torch.manual_seed(1234)  # weights that are not the runs' own seeded init: a frozen reset would show
     save_components(build_xgem("tiny"), tmp_path / "init")
     common = ["--shards", shards, "--steps", "8", "--set", "global_batch=6", "--set", "checkpoint_every=100",
-              "--set", "fingerprints=true", "--set", f"init_from={tmp_path / 'init'}"]
+              "--set", f"init_from={tmp_path / 'init'}", "--set", "val_every=2", "--set", "ema_decay=0.8"]
+    fingerprints = _faults(fingerprints=True)
     whole = tmp_path / "whole"
-    _train([*common, "--run-dir", str(whole)], nproc=2)
+    _train([*common, "--run-dir", str(whole)], nproc=2, env=fingerprints)
     split = tmp_path / "split"
-    _train([*common, "--run-dir", str(split), "--set", "stop_at=4"], nproc=2)
+    _train([*common, "--run-dir", str(split), "--set", "stop_at=4"], nproc=2, env=fingerprints)
     assert (split / "checkpoints" / "checkpoint-0000004").is_dir() and _summaries(split)[-1]["end_step"] == 4
     scratch = tmp_path / "scratch"
-    _train([*common, "--run-dir", str(split), "--set", "stop_at=6"], env={"XGEM_SCRATCH": str(scratch)})
+    _train([*common, "--run-dir", str(split), "--set", "stop_at=6"], env={"XGEM_SCRATCH": str(scratch), **fingerprints})
     # the universal conversion went to $XGEM_SCRATCH and was deleted once loaded
     assert scratch.is_dir() and not list(scratch.iterdir())
-    _train([*common, "--run-dir", str(split)], nproc=3, env={"XGEM_SCRATCH": str(scratch)})
+    _train([*common, "--run-dir", str(split)], nproc=3, env={"XGEM_SCRATCH": str(scratch), **fingerprints})
     assert not list(scratch.iterdir())
     assert [(s["world_size"], s["start_step"], s["end_step"]) for s in _summaries(split)] == [(2, 0, 4), (1, 4, 6),
                                                                                             (3, 6, 8)]
@@ -110,6 +117,25 @@ def test_a_split_run_over_world_sizes_continues_the_uninterrupted_trajectory(sha
     print(f"worst relative per-step loss difference over W=2 | 2->1->3: {worst:.2e}")
     assert worst < 1e-4, (expected, got)
     _assert_close_states(whole / "fingerprint-save-step8-w2.pt", split / "fingerprint-save-step8-w3.pt")
+    for name in ("val/loss", "val_ema/loss"):
+        expected, got = _losses(whole, name), _losses(split, name)
+        assert sorted(expected) == sorted(got) == [2, 4, 6, 8]
+        worst = max(_relative(expected[step], got[step]) for step in expected)
+        print(f"worst relative {name} difference over W=2 | 2->1->3: {worst:.2e}")
+        assert worst < 1e-5, (name, expected, got)
+    assert _losses(whole, "val_ema/loss")[8] != _losses(whole, "val/loss")[8]  # the EMA is not the weights
+    averages = {}
+    for run in (whole, split):
+        averages[run.name] = export(run, tmp_path / f"{run.name}-ema", ema=True)
+    compared = 0
+    for path in (averages["whole"] / "unet_frontal").glob("*.safetensors"):
+        from safetensors.torch import load_file
+
+        a, b = load_file(path), load_file(averages["split"] / "unet_frontal" / path.name)
+        for name in a:
+            assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+            compared += 1
+    assert compared > 0
 
 
 @pytest.mark.slow
@@ -147,8 +173,8 @@ def test_the_clip_loss_is_over_the_global_batch_at_any_world_size(shards, tmp_pa
 def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(shards, tmp_path):
     run_dir = tmp_path / "run"
     args = ["--shards", shards, "--run-dir", str(run_dir), "--steps", "6", "--set", "global_batch=4",
-            "--set", "checkpoint_every=2", "--set", "fail_in_save_at_step=4"]
-    crashed = _train(args, check=False)
+            "--set", "checkpoint_every=2"]
+    crashed = _train(args, check=False, env=_faults(exit_in_save_at_step=4))
     assert crashed.returncode != 0
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest_checkpoint").read_text() == "checkpoint-0000002"
@@ -158,6 +184,38 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(shards, tmp_
     assert summary["resumed_from"].endswith("checkpoint-0000002") and summary["end_step"] == 6
     assert (checkpoints / "latest_checkpoint").read_text() == "checkpoint-0000006"
     assert not list(checkpoints.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_before_its_checkpoint_and_the_best_one_is_kept(shards, tmp_path):
+    """Validation with every checkpoint, samples every 2 steps, health figures per step; a NaN at step 5 stops
+    the run with a message and no checkpoint at or after step 5; pruning keeps the last one and the best."""
+    run_dir = tmp_path / "run"
+    crashed = _train(["--shards", shards, "--run-dir", str(run_dir), "--steps", "6", "--set", "global_batch=4",
+                      "--set", "checkpoint_every=1", "--set", "keep_checkpoints=1", "--set", "sample_every=2",
+                      "--set", "sample_steps=1", "--set", "sample_studies=1", "--set", "sample_combinations=T->F,F->T",
+                      "--set", "lr=1e-3"], check=False, env=_faults(nan_loss_at_step=5))
+    assert crashed.returncode != 0
+    assert "step 5: the loss is nan (not finite)" in crashed.stderr and "newest checkpoint is checkpoint-0000004" in \
+        crashed.stderr
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest_checkpoint").read_text() == "checkpoint-0000004"
+    validated = _losses(run_dir, "val/loss")
+    assert sorted(validated) == [1, 2, 3, 4]
+    best = f"checkpoint-{min(validated, key=validated.get):07d}"
+    assert (checkpoints / "best_checkpoint").read_text() == best
+    assert {p.name for p in checkpoints.glob("checkpoint-*")} == {best, "checkpoint-0000004"}
+    rows = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert row["train/grad_norm"] > 0 and row["train/eta_s"] >= 0 and row["train/frontal"] == \
+            pytest.approx(row["train/loss"], rel=1e-5)
+        assert any(k.startswith("train_by_t/t") for k in row) and "val_by_t/t050-149" not in row
+    for step in (2, 4):
+        folder = run_dir / "samples" / f"step-{step:07d}"
+        assert (folder / "T-to-F.png").stat().st_size > 0
+        real, generated = (folder / "F-to-T.txt").read_text().splitlines()[1:3]
+        assert real.startswith("  real:") and generated.startswith("  generated:")
 
 
 @pytest.mark.slow
@@ -182,15 +240,15 @@ def test_sigterm_saves_a_checkpoint_and_stops(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_two_nodes_a_worker_killed_training_resumes(shards, tmp_path):
+def test_ray_two_nodes_a_worker_killed_training_resumes(shards, tmp_path, monkeypatch):
     pytest.importorskip("ray")
     from xgem_dist.config import LaunchConfig
     from xgem_dist.train.ray_launch import launch_ray
 
     run_dir = tmp_path / "run"
     with loopback_ray_cluster(("127.0.0.3", "127.0.0.4")):
-        train = TrainConfig(shards=shards, run_dir=str(run_dir), steps=6, global_batch=4, checkpoint_every=2,
-                            fail_at_step=3)
+        monkeypatch.setenv("XGEM_FAULTS", json.dumps({"exit_at_step": 3}))
+        train = TrainConfig(shards=shards, run_dir=str(run_dir), steps=6, global_batch=4, checkpoint_every=2)
         result = launch_ray(train, LaunchConfig(num_workers=2, max_failures=2, name="two-nodes", timeout_s=60))
     assert result["metrics"]["step"] == 6 and result["checkpoint"].endswith("checkpoint-0000006")
     placements = [json.loads(p.read_text()) for p in (run_dir / "placement").glob("*.json")]

@@ -85,7 +85,7 @@ def cmd_convert_released(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .train.weights import export
 
-    print(f"exported {export(args.src, args.out, args.dtype, args.released)}")
+    print(f"exported {export(args.src, args.out, args.dtype, args.released, args.ema)}")
     return 0
 
 
@@ -119,7 +119,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     train, launch = _train_configs(args)
     if launch.launcher == "local":
-        from .train.loop import run
+        from .train.trainer import run
 
         summary = run(train, use_ray=False, timeout_s=launch.timeout_s)
     elif launch.launcher == "ray":
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--released", action="store_true", help="also the released single-file layout (xgem preset)")
+    p.add_argument("--ema", action="store_true", help="the trained weights' EMA (a run with ema_decay or "
+                                                       "ema_half_life_steps) instead of the weights themselves")
     p.set_defaults(func=cmd_export)
 
     for name in ("train", "profile"):

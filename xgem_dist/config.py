@@ -120,10 +120,22 @@ class TrainConfig:
     peak_tflops: float = 0.0  # override the device's peak (0: from the built-in table)
     trace_steps: str = ""  # "first-last" (1-based, inclusive): a torch.profiler chrome trace of those steps
     telemetry_interval_s: float = 1.0
-    # fault injection for tests: a rank exits hard at this step (once per run_dir), or while saving it
-    fail_at_step: int = -1
-    fail_in_save_at_step: int = -1
-    fingerprints: bool = False  # tests: rank 0 writes full params and Adam moments at each save and load
+    # validation on a fixed subset of the validate split: -1 with every checkpoint, 0 never, N every N steps
+    val_every: int = -1
+    val_samples: int = 64
+    # an EMA of the trainable weights (ZeRO-3, each rank its partition): a decay per step, or a half-life in
+    # steps (wins when > 0); 0 and 0: none. Up to ema_start it copies the weights; ema_warmup ramps the decay
+    # as min(ema_decay, (1 + n) / (10 + n)) over the n steps after ema_start
+    ema_decay: float = 0.0
+    ema_half_life_steps: float = 0.0
+    ema_start: int = 0
+    ema_warmup: bool = True
+    # samples while training (fixed validate studies, every rank in lockstep): every N steps, 0 never
+    sample_every: int = 0
+    sample_combinations: str = "T->F,F->L,F->T,T->F+L"
+    sample_studies: int = 2
+    sample_steps: int = 10
+    sample_guidance: float = 7.5
 
 
 @dataclasses.dataclass

@@ -236,9 +236,10 @@ class ShardLoader:
     def __init__(self, url: str, global_batch: int, rank: int, world_size: int, image_size: int,
                  grad_accum: int = 1, seed: int = 0, split: str = "train", decoder: str = "pil",
                  threads: int = 0, prefetch: int = 2, last_batch: str = "drop", pin_memory: bool = False,
-                 tokenizers=None):
+                 tokenizers=None, fixed_reads: bool = False):
         """threads: decode and read threads (0: default_threads()); prefetch: steps decoded ahead (0: none,
-        everything happens in next_step)."""
+        everything happens in next_step); fixed_reads: only read_fixed is used (validation), so a split smaller
+        than one global batch is fine."""
         if global_batch % (world_size * grad_accum):
             raise ValueError(f"global batch {global_batch} does not divide into {grad_accum} micro-batch(es) "
                              f"over {world_size} rank(s); pick a global batch that is a multiple of "
@@ -253,7 +254,7 @@ class ShardLoader:
         self.manifest_hash = hashlib.sha256(manifest_bytes).hexdigest()[:16]
         self.store = store
         self.samples = load_shard_set(store, self.manifest)
-        if len(self.samples) < global_batch:
+        if len(self.samples) < global_batch and not fixed_reads:
             raise ValueError(f"{store.url}: {len(self.samples)} samples, fewer than one global batch ({global_batch})")
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.grad_accum, self.image_size, self.seed, self.last_batch = grad_accum, image_size, seed, last_batch
@@ -406,12 +407,20 @@ class ShardLoader:
 
     def _read(self, order: torch.Tensor, epoch: int, positions: list[int]) -> dict:
         """One micro-batch's identity and raw bytes (reports, then views in VIEWS order)."""
-        valid = [p < len(self.samples) for p in positions]
-        refs = [self.samples[int(order[p])] if ok else None for p, ok in zip(positions, valid)]
-        return {"key": [r.key if r else "" for r in refs], "position": positions,
-                "seed": [sample_seed(self.seed, epoch, p) for p in positions], "valid": torch.tensor(valid),
+        refs = [self.samples[int(order[p])] if p < len(self.samples) else None for p in positions]
+        return self._raw(refs, positions, [sample_seed(self.seed, epoch, p) for p in positions])
+
+    def _raw(self, refs: list[SampleRef | None], positions: list[int], seeds: list[int]) -> dict:
+        return {"key": [r.key if r else "" for r in refs], "position": positions, "seed": seeds,
+                "valid": torch.tensor([r is not None for r in refs]),
                 "members": self.read_members([(r, "report.txt") for r in refs]
                                              + [(r, f"{v}.jpg") for v in VIEWS for r in refs])}
+
+    def read_fixed(self, indices: list[int | None], seeds: list[int]) -> dict:
+        """One decoded micro-batch of the samples at these indices of the manifest's order (None: a padding row,
+        invalid), with the given per-sample seeds: validation and samples read the same studies every time."""
+        refs = [self.samples[i] if i is not None else None for i in indices]
+        return self._decode(self._raw(refs, [-1 if i is None else i for i in indices], seeds))
 
     def _decode(self, batch: dict) -> dict:
         members, n = batch.pop("members"), len(batch["key"])

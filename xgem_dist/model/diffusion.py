@@ -81,6 +81,23 @@ class GlobalBatch:
         return self.shares * loss / self.world_size
 
 
+class LossParts:
+    """What one micro-batch's loss was made of, for metrics and validation: per stream, the per-sample losses
+    with their weights and timesteps (None where the objective has none); per global term (a contrastive loss
+    over the whole global batch, the same value on every rank), its value."""
+
+    def __init__(self):
+        self.streams: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
+        self.globals: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, per_sample: torch.Tensor, weights: torch.Tensor | None = None,
+            t: torch.Tensor | None = None) -> None:
+        self.streams[name] = (per_sample.detach().float(), weights, t)
+
+    def add_global(self, name: str, value: torch.Tensor) -> None:
+        self.globals[name] = value.detach().float()
+
+
 def training_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type="epsilon")
@@ -142,21 +159,28 @@ def eps_mse(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 def stream_loss(unet, scheduler: DDPMScheduler, x0: torch.Tensor, context: torch.Tensor,
                 rng: PerSampleRandom, weights: torch.Tensor | None = None,
-                batch: GlobalBatch = GlobalBatch()) -> torch.Tensor:
-    """Single-stream denoising loss (connectors unused); weights mask samples that lack the target."""
-    x_t, noise, t = noisy(scheduler, x0, rng)
-    return batch.mean(eps_mse(unet(x_t, t, context), noise), weights)
+                batch: GlobalBatch = GlobalBatch(), t: torch.Tensor | None = None,
+                parts: LossParts | None = None, name: str = "stream") -> torch.Tensor:
+    """Single-stream denoising loss (connectors unused); weights mask samples that lack the target. t: fixed
+    timesteps (validation) instead of uniform draws; parts: receives the per-sample losses under `name`."""
+    x_t, noise, t = noisy(scheduler, x0, rng, t)
+    per_sample = eps_mse(unet(x_t, t, context), noise)
+    if parts is not None:
+        parts.add(name, per_sample, weights, t)
+    return batch.mean(per_sample, weights)
 
 
 def joint_loss(unets: list, scheduler: DDPMScheduler, x0s: list[torch.Tensor], context: torch.Tensor,
                rng: PerSampleRandom, wiring: str = "paper", weights: torch.Tensor | None = None,
-               batch: GlobalBatch = GlobalBatch()) -> torch.Tensor:
+               batch: GlobalBatch = GlobalBatch(), t: torch.Tensor | None = None,
+               parts: LossParts | None = None, names: tuple[str, str] = ("a", "b")) -> torch.Tensor:
     """Two streams denoised together with a shared t: (MSE_a + MSE_b + 2 * contrastive) / 2; the contrastive
     term is a cross-entropy over the environment vectors' cosine similarities (no temperature, as released)
     across the global batch's samples that have both streams."""
     if len(unets) != 2 or wiring not in ("paper", "released"):
         raise ValueError("joint_loss takes two streams and wiring 'paper' or 'released'")
-    t = rng.randint(scheduler.config.num_train_timesteps).to(x0s[0].device)
+    if t is None:
+        t = rng.randint(scheduler.config.num_train_timesteps).to(x0s[0].device)
     x_ts, noises = [], []
     for x0 in x0s:
         x_t, noise, _ = noisy(scheduler, x0, rng, t)
@@ -164,6 +188,13 @@ def joint_loss(unets: list, scheduler: DDPMScheduler, x0s: list[torch.Tensor], c
         noises.append(noise)
     envs = [unet.environment(x_t, t) for unet, x_t in zip(unets, x_ts)]
     attend = envs[::-1] if wiring == "paper" else envs
-    mse = sum(batch.mean(eps_mse(unet(x_t, t, context, env=env), n), weights)
-              for unet, x_t, env, n in zip(unets, x_ts, attend, noises))
-    return (mse + 2 * batch.contrastive(envs[0].squeeze(1), envs[1].squeeze(1), weights)) / 2
+    mse = 0
+    for unet, x_t, env, n, name in zip(unets, x_ts, attend, noises, names):
+        per_sample = eps_mse(unet(x_t, t, context, env=env), n)
+        if parts is not None:
+            parts.add(name, per_sample, weights, t)
+        mse = mse + batch.mean(per_sample, weights)
+    contrastive = batch.contrastive(envs[0].squeeze(1), envs[1].squeeze(1), weights)
+    if parts is not None:
+        parts.add_global("contrastive", contrastive)
+    return (mse + 2 * contrastive) / 2

@@ -62,5 +62,6 @@ def optimus_loss(optimus: Optimus, bert_ids: torch.Tensor, gpt_ids: torch.Tensor
     if beta > 0:
         kl = kl * (kl > dim_target_kl)
     kl = kl.sum(1)
-    return {"loss": batch.mean(reconstruction + beta * kl, weights), "reconstruction": reconstruction.mean(),
-            "kl": kl.mean()}
+    per_sample = reconstruction + beta * kl
+    return {"loss": batch.mean(per_sample, weights), "per_sample": per_sample.detach(),
+            "reconstruction": reconstruction.mean(), "kl": kl.mean()}

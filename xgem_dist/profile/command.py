@@ -18,7 +18,7 @@ def profile(train: TrainConfig, launch: LaunchConfig, out: str | Path) -> dict:
     train = dataclasses.replace(train, run_dir=str(out / "run"), resume="none", checkpoint_every=10**9,
                                 log_every=1)
     if launch.launcher == "local":
-        from ..train.loop import run
+        from ..train.trainer import run
 
         run(train, use_ray=False, timeout_s=launch.timeout_s)
     else:

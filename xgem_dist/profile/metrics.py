@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-PHASES = ("data", "forward", "backward", "optimizer", "checkpoint")
+PHASES = ("data", "forward", "backward", "optimizer", "checkpoint", "validate", "sample")
 # dense bf16 tensor-core peaks, TFLOP/s (no sparsity); override with peak_tflops
 PEAK_TFLOPS = {"A100": 312.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0}
 

@@ -30,6 +30,13 @@ class MetricSinks:
         self.jsonl.write(json.dumps({"step": step, **figures}) + "\n")
         self.jsonl.flush()
 
+    def images(self, name: str, images, step: int) -> None:
+        """images [N, 1, H, W] in [0, 1]."""
+        self.writer.add_images(name, images, step, dataformats="NCHW")
+
+    def text(self, name: str, text: str, step: int) -> None:
+        self.writer.add_text(name, text, step)
+
     def close(self) -> None:
         self.writer.close()
         self.jsonl.close()

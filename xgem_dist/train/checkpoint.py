@@ -5,10 +5,13 @@ A checkpoint folder holds DeepSpeed's `latest` + `<tag>/` (model and optimizer s
 and `xgem_state.json` (step, samples consumed, data-stream state, RNG state per rank, the TrainConfig and
 the model configuration: a resume that would change the trajectory is refused from them).
 - Local launchers: ranks write `<run_dir>/checkpoints/<tag>.partial/`; after a barrier rank 0 adds the
-  state, renames the folder to `<tag>` and only then points `latest` at it; the last K are kept. A
+  state, renames the folder to `<tag>` and only then points `latest` at it; the last K are kept, and the
+  one with the best validation loss (`best_checkpoint`). A
   crash mid-save leaves a `.partial` folder that nothing reads.
 - Ray Train: each rank writes a local folder and reports it with the same name; Ray registers the
-  checkpoint only once every rank reported, persists it to the run's storage and keeps the last K.
+  checkpoint only once every rank reported, persists it to the run's storage and keeps the latest plus
+  the K best by validation loss (the last K without validation).
+- Beside DeepSpeed's files: each rank's EMA partition (`ema/`) and the run's tokenizers (`tokenizers/`).
 - Loading on a world size other than the one that saved converts the checkpoint to DeepSpeed's
   universal format first (once per node, under $XGEM_SCRATCH or the temp dir), then loads with
   load_universal and deletes the conversion once every rank has loaded it.
@@ -36,6 +39,7 @@ import torch
 log = logging.getLogger(__name__)
 STATE = "xgem_state.json"
 LATEST = "latest_checkpoint"
+BEST = "best_checkpoint"  # the checkpoint with the lowest validation loss (local launchers)
 
 
 def saved_world_size(folder: str | Path) -> int:
@@ -57,6 +61,11 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"{state_file} is damaged ({type(error).__name__}: {error})"
     if not latest.is_file() or not latest.read_text().strip():
         return f"{latest} (DeepSpeed's tag pointer) is missing or empty"
+    if state.get("ema"):
+        for rank in range(world_size):
+            ema = folder / "ema" / f"rank-{rank:05d}.pt"
+            if not ema.is_file() or ema.stat().st_size == 0:
+                return f"{ema} (rank {rank}'s EMA) is missing or empty"
     tag_dir = folder / latest.read_text().strip()
     # ZeRO-3 writes a model file per rank, ZeRO-1/2 one for all; every stage an optimizer file per rank
     per_rank_models = any(tag_dir.glob("zero_pp_rank_*_model_states.pt"))
@@ -140,6 +149,7 @@ class CheckpointManager:
         """scratch_root: where universal conversions go (node-local; default $XGEM_SCRATCH, else the temp dir)."""
         self.folder, self.rank, self.world_size = Path(folder), rank, world_size
         self.keep, self.use_ray = keep, use_ray
+        self.best: str | None = None  # a tag kept beside the last `keep` (local launchers)
         self.scratch_root = Path(scratch_root or os.environ.get("XGEM_SCRATCH") or tempfile.gettempdir())
         self._scratch: Path | None = None  # the conversion this node made, until release()
 
@@ -212,21 +222,24 @@ class CheckpointManager:
         return None
 
     # ---- saving
-    def save(self, engine, state: dict, tag: str, metrics: dict, fail_in_save: bool = False) -> None:
+    def save(self, engine, state: dict, tag: str, metrics: dict, write_extra=None, fail_in_save: bool = False) -> None:
+        """write_extra(folder): every rank's own files beside DeepSpeed's (before the checkpoint is complete)."""
+        write_extra = write_extra or (lambda folder: None)
         if self.use_ray:
-            self._save_ray(engine, state, tag, metrics, fail_in_save)
+            self._save_ray(engine, state, tag, metrics, write_extra, fail_in_save)
         else:
-            self._save_local(engine, state, tag, fail_in_save)
+            self._save_local(engine, state, tag, write_extra, fail_in_save)
 
     def _write_state(self, folder: Path, state: dict) -> None:
         (folder / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
 
-    def _save_ray(self, engine, state, tag, metrics, fail_in_save) -> None:
+    def _save_ray(self, engine, state, tag, metrics, write_extra, fail_in_save) -> None:
         import ray.train
 
         folder = Path(tempfile.mkdtemp(prefix=f"xgem-{tag}-"))
         try:
             engine.save_checkpoint(str(folder), tag=tag)
+            write_extra(folder)
             if fail_in_save:
                 os._exit(1)
             if self.rank == 0:
@@ -236,9 +249,10 @@ class CheckpointManager:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _save_local(self, engine, state, tag, fail_in_save) -> None:
+    def _save_local(self, engine, state, tag, write_extra, fail_in_save) -> None:
         partial = self.folder / f"{tag}.partial"
         engine.save_checkpoint(str(partial), tag=tag)
+        write_extra(partial)
         if fail_in_save:
             os._exit(1)
         torch.distributed.barrier()
@@ -250,13 +264,16 @@ class CheckpointManager:
             pointer = self.folder / f".{LATEST}.tmp"
             pointer.write_text(tag)
             os.replace(pointer, self.folder / LATEST)
+            if self.best is not None:
+                pointer.write_text(self.best)
+                os.replace(pointer, self.folder / BEST)
             self._prune(tag)
         torch.distributed.barrier()
 
     def _prune(self, newest: str) -> None:
         done = sorted(p for p in self.folder.iterdir() if p.is_dir() and (p / STATE).exists())
         for old in done[: max(0, len(done) - self.keep)]:
-            if old.name != newest:
+            if old.name not in (newest, self.best):
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.folder.glob("*.partial"):
             shutil.rmtree(stale, ignore_errors=True)

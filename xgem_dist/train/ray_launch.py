@@ -4,6 +4,7 @@ after failures (from the last complete checkpoint), checkpoint persistence to an
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -16,8 +17,11 @@ def _worker(config: dict) -> None:
 
     import ray
 
-    from .loop import run
+    from .faults import ENV
+    from .trainer import run
 
+    if config.get("faults"):  # tests and the quickstart's demonstration (see faults.py)
+        os.environ[ENV] = config["faults"]
     cfg = TrainConfig(**config["train"])
     context = ray.train.get_context()
     placement = {"rank": context.get_world_rank(), "world_size": context.get_world_size(),
@@ -36,23 +40,36 @@ def check_worker_range(cfg: TrainConfig, launch: LaunchConfig) -> None:
     check_world_sizes(cfg, range(low, launch.num_workers + 1))
 
 
-def start_private_ray() -> None:
+def start_private_ray(quiet: bool = False) -> None:
     """A single-node Ray instance of our own, never another one running on this machine (address "local"),
     with its servers on loopback. Ray binds them to loopback only when the node's IP is 127.0.0.1, and turns
     that IP into the machine's address unless it runs as a one-machine instance (its mode on macOS and
-    Windows, which the driver decides here; the processes it starts get the IP from it)."""
+    Windows, which the driver decides here; the processes it starts get the IP from it). quiet: the output of
+    Ray's processes (workers, Ray Train's actors) is not forwarded to this process, and Ray logs errors only."""
     from unittest import mock
 
     import ray
     from ray._private import ray_constants
 
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=not quiet,
+                 logging_level=logging.ERROR if quiet else logging.INFO)
+
+
+def _retention(cfg: TrainConfig):
+    """Ray keeps the latest checkpoint and, with validation, the keep_checkpoints best by validation loss
+    (a checkpoint saved without one scores +inf); without validation, the last keep_checkpoints."""
+    from ray.train import CheckpointConfig
+
+    if cfg.val_every == 0:
+        return CheckpointConfig(num_to_keep=cfg.keep_checkpoints)
+    return CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_score",
+                            checkpoint_score_order="min")
 
 
 def launch_ray(cfg: TrainConfig, launch: LaunchConfig) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_worker_range(cfg, launch)
@@ -72,7 +89,8 @@ def launch_ray(cfg: TrainConfig, launch: LaunchConfig) -> dict:
     workers = (launch.min_workers, launch.num_workers) if launch.min_workers > 0 else launch.num_workers
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"train": dataclasses.asdict(cfg), "timeout_s": launch.timeout_s},
+        train_loop_config={"train": dataclasses.asdict(cfg), "timeout_s": launch.timeout_s,
+                           "faults": os.environ.get("XGEM_FAULTS", "")},
         torch_config=TorchConfig(backend="nccl" if launch.use_gpu else "gloo", timeout_s=launch.timeout_s),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=launch.use_gpu,
                                      resources_per_worker={"CPU": launch.cpus_per_worker}),
@@ -84,7 +102,7 @@ def launch_ray(cfg: TrainConfig, launch: LaunchConfig) -> dict:
                                  # a ZeRO-3 checkpoint needs every rank's shards: never commit one without
                                  # the preempted ranks (what relaxing Ray's report barrier would allow)
                                  relax_collectives_on_preemption=False),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                             checkpoint_config=_retention(cfg)),
     )
     result = trainer.fit()
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,

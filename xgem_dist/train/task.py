@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.diffusion import (GlobalBatch, PerSampleRandom, PromptPolicy, image_latents, joint_loss,
+from ..model.diffusion import (GlobalBatch, LossParts, PerSampleRandom, PromptPolicy, image_latents, joint_loss,
                                multi_prompt_context, stream_loss, text_latents, training_scheduler)
 from ..model.encoders import clip_image_token, clip_text_token
 from ..model.objectives import clip_contrastive_loss, clip_pixels, cyclic_beta, optimus_loss
@@ -34,6 +34,7 @@ class TrainingTask(nn.Module):
         self.scheduler = training_scheduler()
         self.step = 0  # set by the loop: the Optimus KL weight follows it
         self.global_batch = GlobalBatch()  # set by the loop before each step's micro-batches
+        self.parts = LossParts()  # what the last forward's loss was made of
         self.unets = {"frontal": model.unet_frontal, "lateral": model.unet_lateral, "text": model.unet_text}
         # tokenized once here: the loader's thread uses the same (not thread-safe) fast tokenizers later
         self._empty_report_ids = tokenize_reports(tokenizers, [""])["clip_ids"]
@@ -98,7 +99,8 @@ class TrainingTask(nn.Module):
         valid = batch.get("valid", torch.ones(len(batch["seed"]), dtype=torch.bool, device=self._device))
         for view in ("frontal", "lateral"):
             batch[f"{view}_present"] = batch[f"{view}_present"] & valid
-        reduce = self.global_batch
+        reduce, t = self.global_batch, batch.get("timestep")  # fixed timesteps: validation
+        self.parts = parts = LossParts()
         if self.stage in ("frontal", "lateral"):
             other = "lateral" if self.stage == "frontal" else "frontal"
             with torch.no_grad():
@@ -108,7 +110,7 @@ class TrainingTask(nn.Module):
                                                  torch.stack([empty["text"], empty["image"], empty["both"]]),
                                                  rng, self.policy)
             return stream_loss(self.unets[self.stage], self.scheduler, self._x0(self.stage, batch, rng),
-                               context.to(self._dtype), rng, weights, reduce)
+                               context.to(self._dtype), rng, weights, reduce, t, parts, self.stage)
         if self.stage == "text":
             with torch.no_grad():
                 frontal, lateral = self._clip_image(batch["frontal"]), self._clip_image(batch["lateral"])
@@ -116,16 +118,20 @@ class TrainingTask(nn.Module):
             context, _, _ = multi_prompt_context(frontal, lateral, batch["lateral_present"],
                                                  torch.stack([blank, blank, blank]), rng, self.policy)
             return stream_loss(self.model.unet_text, self.scheduler, self._x0("text", batch, rng),
-                               context.to(self._dtype), rng, weights, reduce)
+                               context.to(self._dtype), rng, weights, reduce, t, parts, "text")
         if self.stage == "clip":
             use_frontal = batch["frontal_present"].view(-1, 1, 1, 1)
             images = torch.where(use_frontal, batch["frontal"], batch["lateral"])
             pixels = clip_pixels(images, self.model.clip.config.vision_config.image_size).to(self._dtype)
-            return clip_contrastive_loss(self.model.clip, batch["clip_ids"], pixels, rows=weights, batch=reduce)
+            loss = clip_contrastive_loss(self.model.clip, batch["clip_ids"], pixels, rows=weights, batch=reduce)
+            parts.add_global("contrastive", loss)
+            return loss
         if self.stage == "optimus":
             beta = cyclic_beta(self.step, self.total_steps)
-            return optimus_loss(self.model.optimus, batch["bert_ids"], batch["gpt2_ids"], beta, rng,
-                                batch["bert_mask"], weights=weights, batch=reduce)["loss"]
+            out = optimus_loss(self.model.optimus, batch["bert_ids"], batch["gpt2_ids"], beta, rng,
+                               batch["bert_mask"], weights=weights, batch=reduce)
+            parts.add("text", out["per_sample"], weights)
+            return out["loss"]
         if self.stage in JOINT_STREAMS:
             trained, partner, condition = JOINT_STREAMS[self.stage]
             with torch.no_grad():
@@ -137,5 +143,5 @@ class TrainingTask(nn.Module):
             context = torch.where(dropped, blank.view(1, 1, -1), context)
             x0s = [self._x0(trained, batch, rng), self._x0(partner, batch, rng)]
             return joint_loss([self.unets[trained], self.unets[partner]], self.scheduler, x0s,
-                              context.to(self._dtype), rng, self.wiring, weights, reduce)
+                              context.to(self._dtype), rng, self.wiring, weights, reduce, t, parts, (trained, partner))
         raise ValueError(f"unknown stage {self.stage!r}")

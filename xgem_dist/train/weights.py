@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from ..model.export import config_from_dict, config_to_dict
 from ..model.xgem import PRESETS, XGeMConfig, build_xgem, computes_differently, released_function
 from .checkpoint import STATE
+from .ema import EMAReader
 from .zero_checkpoint import ZeroCheckpoint, newest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -236,11 +237,12 @@ def releasable(cfg: XGeMConfig) -> bool:
     return temporal and not computes_differently(cfg, released_function(cfg))
 
 
-def export(src: str | Path, out: str | Path, dtype: str = "fp32", released: bool = False) -> Path:
+def export(src: str | Path, out: str | Path, dtype: str = "fp32", released: bool = False, ema: bool = False) -> Path:
     """The newest complete checkpoint under `src` -> `out` in the save_components layout (vae/ and clip/
-    loadable by diffusers / transformers). Trainable tensors: the fp32 master weights. Frozen ones: from the
-    run's init_from source where it still holds them unchanged (bit-identical to what the stage was given,
-    also after bf16 training), else from the checkpoint. With `released`, also xgem_released.pt."""
+    loadable by diffusers / transformers) with the run's tokenizers/. Trainable tensors: the fp32 master weights
+    (with `ema`, their EMA). Frozen ones: from the run's init_from source where it still holds them unchanged
+    (bit-identical to what the stage was given, also after bf16 training), else from the checkpoint. With
+    `released`, also xgem_released.pt."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
@@ -256,15 +258,18 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", released: bool
     init_from = state["config"].get("init_from", "")
     sources = {c: p for c, p in parse_init_from(init_from).items() if p.is_dir()} if init_from else {}
     checkpoint = ZeroCheckpoint(folder)
+    averages = EMAReader(folder) if ema else None
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     (partial / "xgem_config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     for component, module in build_xgem(cfg, device="meta").named_children():
         source = ComponentSource(component, sources[component]) if component in sources else None
-        tensors = _component_tensors(component, module, checkpoint, source, dtypes[dtype])
+        tensors = _component_tensors(component, module, checkpoint, source, dtypes[dtype], averages)
         _write_component(partial / component, module, tensors)
         del tensors
+    if (folder / "tokenizers").is_dir():
+        shutil.copytree(folder / "tokenizers", partial / "tokenizers")
     if released:
         torch.save({"state_dict": released_state(partial, cfg)}, partial / "xgem_released.pt")
     os.replace(partial, out)
@@ -272,7 +277,8 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", released: bool
 
 
 def _component_tensors(component: str, module: nn.Module, checkpoint: ZeroCheckpoint,
-                       source: ComponentSource | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                       source: ComponentSource | None, dtype: torch.dtype,
+                       averages: EMAReader | None = None) -> dict[str, torch.Tensor]:
     tensors, _ = model_tensors(module)
     out, stale = {}, []
     for canonical, (tensor, names) in tqdm(tensors.items(), desc=f"export {component}", unit="tensor"):
@@ -281,6 +287,8 @@ def _component_tensors(component: str, module: nn.Module, checkpoint: ZeroCheckp
         if saved is None:
             raise ValueError(f"{checkpoint.folder}: no parameter {component}.{canonical} in the checkpoint")
         value = checkpoint.full(saved)
+        if averages is not None and checkpoint.is_trainable(saved):
+            value = averages.read(saved).reshape(value.shape)
         given = next((n for n in names if source is not None and n in source), None)
         if not checkpoint.is_trainable(saved) and given is not None:
             original = source.get(given)

@@ -1,0 +1,84 @@
+"""Samples while training: every `sample_every` steps, fixed validate studies through a few any-to-any
+combinations (default T->F, F->L, F->T, T->F+L) with a few DDIM steps.
+
+ZeRO-3 gathers each module's parameters collectively, so ranks that ran different forwards would deadlock:
+every rank generates the whole (short) list with the same inputs and seeds, in lockstep, and rank 0 writes
+it: images to TensorBoard and a PNG grid per combination (rows: studies; columns: the given views, then the
+generated ones) under run_dir/samples/step-NNNNNNN/, reports as TensorBoard text and .txt beside the real ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import TrainConfig
+from ..model.sample import Sampler, SamplerConfig, parse_combination
+from .validate import Validator
+
+log = logging.getLogger(__name__)
+
+
+def file_name(combination: str) -> str:
+    return combination.replace("->", "-to-").replace("+", "")
+
+
+def write_png(path: Path, images: torch.Tensor) -> None:
+    """images [H, W] in [0, 1] -> an 8-bit grey PNG, written atomically."""
+    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    partial = path.with_name(path.name + ".partial")
+    Image.fromarray(np.ascontiguousarray(pixels), mode="L").save(partial, format="PNG")
+    os.replace(partial, path)
+
+
+class TrainingSamples:
+    def __init__(self, cfg: TrainConfig, validator: Validator, run_dir: str | Path):
+        loader = validator.loader
+        complete = [i for i in validator.indices if {"frontal.jpg", "lateral.jpg"} <= set(loader.samples[i].members)
+                    and loader.samples[i].members.get("report.txt", (0, 0))[1] > 0]
+        if len(complete) < cfg.sample_studies:
+            log.warning("samples: %d validate studies with both views and a report among the first %d (wanted %d)",
+                        len(complete), len(validator.indices), cfg.sample_studies)
+        self.indices = complete[: cfg.sample_studies] or validator.indices[: cfg.sample_studies]
+        self.batch = loader.read_fixed(self.indices, [0] * len(self.indices))
+        self.combinations = [c.strip() for c in cfg.sample_combinations.split(",") if c.strip()]
+        for combination in self.combinations:
+            parse_combination(combination)  # a bad one fails at start, not at the first sampling step
+        self.config = SamplerConfig(steps=cfg.sample_steps, guidance=cfg.sample_guidance, image_size=cfg.image_size)
+        self.seed, self.folder = cfg.seed, Path(run_dir) / "samples"
+
+    @torch.no_grad()
+    def generate(self, model, tokenizers) -> dict[str, dict]:
+        """Every combination for every study (all ranks call, with the same results)."""
+        sampler = Sampler(model, tokenizers, self.config)
+        results = {}
+        for i, combination in enumerate(self.combinations):
+            given, wanted = parse_combination(combination)
+            inputs = {m: list(self.batch["report"]) if m == "text" else self.batch[m] for m in given}
+            results[combination] = sampler(inputs, wanted, torch.Generator().manual_seed(self.seed * 1009 + i))
+        return results
+
+    def write(self, step: int, results: dict[str, dict], sinks) -> Path:
+        folder = self.folder / f"step-{step:07d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for combination, out in results.items():
+            given, wanted = parse_combination(combination)
+            columns = [self.batch[m] for m in given if m != "text"] + [out[m].cpu() for m in wanted if m != "text"]
+            if columns:
+                rows = torch.cat([c.float() for c in columns], dim=3)  # [N, 1, H, W x columns]
+                write_png(folder / f"{file_name(combination)}.png", torch.cat(list(rows[:, 0]), dim=0))
+                sinks.images(f"samples/{combination}", rows, step)
+            if "text" in wanted:
+                lines = []
+                for key, real, generated in zip(self.batch["key"], self.batch["report"], out["text"]):
+                    lines.append(f"{key}\n  real:      {real.strip()}\n  generated: {generated.strip()}\n")
+                (folder / f"{file_name(combination)}.txt").write_text("\n".join(lines))
+                sinks.text(f"samples/{combination}", "\n\n".join(
+                    f"**{k}** real: {r.strip()}  \ngenerated: {g.strip()}"
+                    for k, r, g in zip(self.batch["key"], self.batch["report"], out["text"])), step)
+        return folder
