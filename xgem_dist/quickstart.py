@@ -109,6 +109,12 @@ def quickstart(workdir: str | Path, steps: int = 8) -> int:
     if best:
         print(f"      best checkpoint by {best['metric']}: {best['tag']} ({best['value']:.4f}); EMA "
               f"{runs[-1]['ema_bytes_per_rank'] / 2**20:.1f} MiB per rank")
+    rows = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    total = {k: sum(r.get(f"profile/{k}_s", 0.0) for r in rows) for k in ("step", "validate", "sample", "checkpoint")}
+    training = total["step"] - total["validate"] - total["sample"] - total["checkpoint"]
+    print(f"      time over {len(rows)} logged steps: training {training:.0f} s, validation {total['validate']:.0f} s "
+          f"({100 * total['validate'] / training:.0f}% of training), samples {total['sample']:.0f} s, checkpoints "
+          f"{total['checkpoint']:.0f} s")
     samples = sorted((run_dir / "samples").glob("step-*"))
     print(f"      samples during training: {', '.join(p.name for p in samples)} in {run_dir / 'samples'}")
     print(f"      TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}   ({time.perf_counter() - t0:.0f} s)")

@@ -57,7 +57,7 @@ class LossBreakdown:
             slot[0] += value.double() / self.world_size
             slot[1] += 1.0 / self.world_size
 
-    def reduce(self, collectives: Collectives, prefix: str) -> dict[str, float]:
+    def totals(self, collectives: Collectives, prefix: str) -> dict[str, float]:
         """{prefix/<stream>: mean, prefix/t<lo>-<hi>: mean} over every rank (a collective: all ranks call)."""
         names = sorted(self.streams)
         stacked = torch.cat([*(self.streams[n] for n in names), self.buckets.flatten()])

@@ -233,7 +233,7 @@ class Trainer:
             return
         spread = aggregate({f"profile/{k}": v for k, v in record.as_dict().items() if k != "step"},
                            self.collectives.gather_objects)
-        health = self.breakdown.reduce(self.collectives, "train")
+        health = self.breakdown.totals(self.collectives, "train")
         self.breakdown = LossBreakdown(self.engine.device, self.world)
         if self.sinks is None:
             return
@@ -259,7 +259,9 @@ class Trainer:
                 self.faults.exit_after(step, self.rank, self.world, self.run_dir)
                 stop = self.termination.agreed(self.collectives)
                 checkpointing = step % cfg.checkpoint_every == 0 or step == end or stop
-                figures = self.validate() if self.validator and validation_due(cfg, step, end, checkpointing) else {}
+                # a stop request (preemption, SIGTERM) saves at once: no validation in its notice period
+                due = self.validator is not None and not stop and validation_due(cfg, step, end, checkpointing)
+                figures = self.validate() if due else {}
                 if self.samples is not None and (step % cfg.sample_every == 0 or step == end):
                     self.sample()
                 if checkpointing:

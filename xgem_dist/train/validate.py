@@ -85,7 +85,7 @@ class Validator:
                 weighted[1] += counted / self.world_size
         finally:
             engine.train()
-        figures = breakdown.reduce(collectives, prefix)
+        figures = breakdown.totals(collectives, prefix)
         total = collectives.sum(weighted).tolist()
         if total[1] > 0:
             figures[f"{prefix}/loss"] = total[0] / total[1]
