@@ -93,11 +93,12 @@ class World:
         return box[0]
 
     def gather(self, value) -> list:
+        """Every rank's value on rank 0; [] on the others."""
         if not self.distributed:
             return [value]
         out = [None] * self.size if self.rank == 0 else None
         torch.distributed.gather_object(value, out, dst=0)
-        return out
+        return out or []
 
     def close(self) -> None:
         if self.distributed:
@@ -169,10 +170,9 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     """Returns eval.json's content on rank 0, None on the other ranks."""
     check_config(cfg)
     world = World(cfg.device)
-    try:
-        return _evaluate(cfg, world)
-    finally:
-        world.close()
+    result = _evaluate(cfg, world)  # an error ends this process: torchrun then stops the others
+    world.close()
+    return result
 
 
 def _evaluate(cfg: EvalConfig, world: World) -> dict | None:
