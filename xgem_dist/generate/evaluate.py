@@ -181,9 +181,11 @@ def _evaluate(cfg: EvalConfig, world: World) -> dict | None:
     sampler = make_sampler(model, tokenizers, cfg.steps, cfg.guidance, cfg.image_size, cfg.max_report_tokens)
     size = sampler.cfg.image_size
     studies = Studies(cfg.shards, cfg.split, size)
+    reference = Studies(cfg.shards, cfg.reference_split, size)  # read now: a missing split fails before generating
     keys, batches = plan(cfg, studies)
     settings = {"model": str(Path(cfg.model).resolve()), "ema": cfg.ema, "steps": cfg.steps, "guidance": cfg.guidance,
-                "image_size": size, "max_report_tokens": cfg.max_report_tokens, "dtype": cfg.dtype, "device": torch.device(world.device).type}
+                "image_size": size, "max_report_tokens": cfg.max_report_tokens, "dtype": cfg.dtype,
+                "device": torch.device(world.device).type}
     cache = Cache(out / "cache", settings, cfg.seed)
     if world.rank == 0:
         cache.create()
@@ -209,7 +211,7 @@ def _evaluate(cfg: EvalConfig, world: World) -> dict | None:
     if world.rank != 0:
         return None
     generated = sum(len(batches[i].keys) for i in todo)
-    report, examples = figures(cfg, keys, cache, studies, size)
+    report, examples = figures(cfg, keys, cache, studies, reference, size)
     write_atomic(out / "eval.json", json.dumps(report, indent=1, sort_keys=True).encode())
     for combination, example in examples.items():
         write_atomic(out / f"grid_{combination_slug(combination)}.png", html.grid_png(example["columns"]))
@@ -222,7 +224,7 @@ def _evaluate(cfg: EvalConfig, world: World) -> dict | None:
     return report
 
 
-def figures(cfg: EvalConfig, keys: dict[str, list[str]], cache: Cache, studies: Studies,
+def figures(cfg: EvalConfig, keys: dict[str, list[str]], cache: Cache, studies: Studies, reference: Studies,
             size: int) -> tuple[dict, dict]:
     """eval.json: per combination and generated output, the figures beside their real-vs-real floors; and per
     combination the first studies' images (grid columns) and reports, for the grid and the page."""
@@ -232,7 +234,6 @@ def figures(cfg: EvalConfig, keys: dict[str, list[str]], cache: Cache, studies: 
     for reason in not_computed:
         log.warning("evaluate: not computed: %s", reason)
         print(f"evaluate: not computed: {reason}")
-    reference = Studies(cfg.shards, cfg.reference_split, size)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("out", "device", "progress", "batch_size")}
     report: dict = {"settings": settings | {"image_size": size}, "not_computed": not_computed, "combinations": {}}

@@ -56,7 +56,8 @@ def _load_export(folder: Path, device: str | torch.device, dtype: str) -> tuple[
         tokenizers = load_tokenizers(folder / "tokenizers")
     except FileNotFoundError as e:
         raise ValueError(f"{folder}: no usable tokenizers/ folder ({e}); an export carries the tokenizers it was "
-                         "trained with (Tokenizers.save layout: tokenizers/clip, tokenizers/bert, tokenizers/gpt2)") from e
+                         "trained with (Tokenizers.save layout: tokenizers/clip, tokenizers/bert, tokenizers/gpt2)"
+                         ) from e
     model = load_components(folder, device=device).to(DTYPES[dtype]).eval()
     model.requires_grad_(False)
     return model, tokenizers
