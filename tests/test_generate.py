@@ -34,7 +34,7 @@ def test_keys(shards):
     from xgem_dist.generate.studies import Studies
 
     studies = Studies(shards, "test", 64)
-    return [k for k in sorted(studies.by_key) if studies.has(k, "frontal") and studies.has(k, "lateral")][:3]
+    return [k for k in sorted(studies.by_key) if studies.has(k, "frontal") and studies.has(k, "lateral")][:2]
 
 
 def _contents(files) -> dict[str, bytes]:
@@ -43,7 +43,7 @@ def _contents(files) -> dict[str, bytes]:
 
 def test_sample_from_shards_is_seeded_per_item(tiny_export, shards, test_keys, tmp_path):
     args = {"shards": shards, "keys": test_keys, "seed": 3, **FAST}
-    batched = sample_to_files(tiny_export, "F->T+L", tmp_path / "a", batch_size=3, **args)
+    batched = sample_to_files(tiny_export, "F->T+L", tmp_path / "a", batch_size=2, **args)
     names = {f"{k}__F-to-T+L__{m}" for k in test_keys for m in ("text.txt", "lateral.png")}
     assert {f.name for f in batched} == names
     # byte-identical for the seed, and an item's result does not depend on the others in its batch
