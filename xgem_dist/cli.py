@@ -96,7 +96,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     files = sample_to_files(args.model, args.combination, args.out, report=args.report, frontal=args.frontal,
                             lateral=args.lateral, shards=args.from_shards, keys=keys, split=args.split,
                             steps=args.steps, guidance=args.guidance, seed=args.seed, image_size=args.image_size,
-                            device=args.device, dtype=args.dtype, ema=args.ema, batch_size=args.batch_size,
+                            device=_device(args), dtype=args.dtype, ema=args.ema, batch_size=args.batch_size,
                             max_report_tokens=args.max_report_tokens)
     print("\n".join(str(f) for f in files))
     return 0
@@ -108,6 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     values["combinations"] = tuple(c for c in args.combinations.split(",") if c)
+    values["device"] = _device(args)
     evaluate(EvalConfig(**values))
     return 0
 
@@ -119,7 +120,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", dest="image_size", type=int, default=0, help="0: the model's VAE size")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when there is a GPU)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--ema", action="store_true", help="the run's EMA weights (a run dir or checkpoint folder)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
@@ -127,10 +128,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="longest generated report, in GPT-2 tokens (counting <BOS> and <EOS>)")
 
 
-def _cuda() -> bool:
+def _device(args: argparse.Namespace) -> str:
     import torch
 
-    return torch.cuda.is_available()
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:

@@ -46,18 +46,19 @@ def load_model(path: str | Path, ema: bool = False, device: str | torch.device =
         if ema:
             raise ValueError(f"{path} is an export, which holds one set of weights; export the run with --ema "
                              "and pass that folder instead")
-        return _load_export(path, device, dtype)
+        return _load_export(path, device, dtype, path)
     with tempfile.TemporaryDirectory(prefix="xgem-export-") as tmp:
-        return _load_export(_export_run(path, Path(tmp) / "model", ema), device, dtype)
+        return _load_export(_export_run(path, Path(tmp) / "model", ema), device, dtype, path)
 
 
-def _load_export(folder: Path, device: str | torch.device, dtype: str) -> tuple[XGeM, Tokenizers]:
+def _load_export(folder: Path, device: str | torch.device, dtype: str, source: Path) -> tuple[XGeM, Tokenizers]:
     try:
         tokenizers = load_tokenizers(folder / "tokenizers")
     except FileNotFoundError as e:
-        raise ValueError(f"{folder}: no usable tokenizers/ folder ({e}); an export carries the tokenizers it was "
-                         "trained with (Tokenizers.save layout: tokenizers/clip, tokenizers/bert, tokenizers/gpt2)"
-                         ) from e
+        exported = "" if folder == source else " (exported)"
+        raise ValueError(f"{source}{exported}: no usable tokenizers/ folder ({e}); an export carries the tokenizers "
+                         "it was trained with (Tokenizers.save layout: tokenizers/clip, tokenizers/bert, "
+                         "tokenizers/gpt2)") from e
     model = load_components(folder, device=device).to(DTYPES[dtype]).eval()
     model.requires_grad_(False)
     return model, tokenizers
