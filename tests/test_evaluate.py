@@ -78,6 +78,14 @@ def test_missing_weights_are_named(tiny_export, shards, tmp_path, capsys):  # no
     assert f"--feature-weights {tmp_path / 'pt_inception.pth'}: no such file" in err
     assert not (tmp_path / "e").exists()  # refused before generating anything
 
+    # no weights: the figures that need them are named as not computed, the rest are computed
+    report = evaluate(EvalConfig(model=str(tiny_export), shards=shards, out=str(tmp_path / "e"), combinations=("T->F",),
+                                 samples=2, per_prompt=2, steps=2, image_size=64, progress=False))
+    assert [r.split(" need")[0] for r in report["not_computed"]] == [
+        "FID and KID", "label agreement (AUROC per CheXpert label)"]
+    assert set(report["combinations"]["T->F"]["frontal"]) == {"diversity"}
+    assert "FID and KID need the Inception weights" in capsys.readouterr().out
+
 
 def _evaluate(model: Path, shards: str, out: Path, nproc: int) -> dict:
     args = [str(model), "--shards", shards, "--out", str(out), "--combinations", "T->F,F->T,T->F+L",

@@ -188,6 +188,7 @@ def _evaluate(cfg: EvalConfig, world: World) -> dict | None:
                 "device": torch.device(world.device).type}
     cache = Cache(out / "cache", settings, cfg.seed)
     if world.rank == 0:
+        measures = Measures(cfg)  # built before generating: a bad extractor or classifier fails first
         cache.create()
     todo = world.broadcast([i for i, b in enumerate(batches) if not cache.has(b)] if world.rank == 0 else None)
     bar = tqdm(total=sum(len(batches[i].keys) for i in todo), desc="evaluate: generate", unit="sample",
@@ -211,7 +212,7 @@ def _evaluate(cfg: EvalConfig, world: World) -> dict | None:
     if world.rank != 0:
         return None
     generated = sum(len(batches[i].keys) for i in todo)
-    report, examples = figures(cfg, keys, cache, studies, reference, size)
+    report, examples = figures(cfg, measures, keys, cache, studies, reference, size)
     write_atomic(out / "eval.json", json.dumps(report, indent=1, sort_keys=True).encode())
     for combination, example in examples.items():
         write_atomic(out / f"grid_{combination_slug(combination)}.png", html.grid_png(example["columns"]))
@@ -224,16 +225,24 @@ def _evaluate(cfg: EvalConfig, world: World) -> dict | None:
     return report
 
 
-def figures(cfg: EvalConfig, keys: dict[str, list[str]], cache: Cache, studies: Studies, reference: Studies,
-            size: int) -> tuple[dict, dict]:
+class Measures:
+    """The FID/KID feature extractor and the label classifier, each None with the reason it is missing."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.extractor, no_features = metrics.feature_extractor(cfg.feature_extractor, cfg.feature_weights or None)
+        self.classifier, no_classifier = metrics.label_classifier(cfg.label_classifier,
+                                                                  cfg.classifier_weights or None)
+        self.not_computed = [reason for reason in (no_features, no_classifier) if reason]
+        for reason in self.not_computed:
+            log.warning("evaluate: not computed: %s", reason)
+            print(f"evaluate: not computed: {reason}")
+
+
+def figures(cfg: EvalConfig, measures: Measures, keys: dict[str, list[str]], cache: Cache, studies: Studies,
+            reference: Studies, size: int) -> tuple[dict, dict]:
     """eval.json: per combination and generated output, the figures beside their real-vs-real floors; and per
     combination the first studies' images (grid columns) and reports, for the grid and the page."""
-    extractor, no_features = metrics.feature_extractor(cfg.feature_extractor, cfg.feature_weights or None)
-    classifier, no_classifier = metrics.label_classifier(cfg.label_classifier, cfg.classifier_weights or None)
-    not_computed = [reason for reason in (no_features, no_classifier) if reason]
-    for reason in not_computed:
-        log.warning("evaluate: not computed: %s", reason)
-        print(f"evaluate: not computed: {reason}")
+    extractor, classifier, not_computed = measures.extractor, measures.classifier, measures.not_computed
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("out", "device", "progress", "batch_size")}
     report: dict = {"settings": settings | {"image_size": size}, "not_computed": not_computed, "combinations": {}}
