@@ -89,6 +89,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .generate.sample import sample_to_files
+
+    keys = [k for k in (args.keys or "").split(",") if k]
+    files = sample_to_files(args.model, args.combination, args.out, report=args.report, frontal=args.frontal,
+                            lateral=args.lateral, shards=args.from_shards, keys=keys, split=args.split,
+                            steps=args.steps, guidance=args.guidance, seed=args.seed, image_size=args.image_size,
+                            device=_device(args), dtype=args.dtype, ema=args.ema, batch_size=args.batch_size,
+                            max_report_tokens=args.max_report_tokens)
+    print("\n".join(str(f) for f in files))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .generate.evaluate import EvalConfig, evaluate
+
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["combinations"] = tuple(c for c in args.combinations.split(",") if c)
+    values["device"] = _device(args)
+    evaluate(EvalConfig(**values))
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an export folder (with tokenizers/), a run dir or a checkpoint folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", dest="image_size", type=int, default=0, help="0: the model's VAE size")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when there is a GPU)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--ema", action="store_true", help="the run's EMA weights (a run dir or checkpoint folder)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--max-report-tokens", dest="max_report_tokens", type=int, default=100,
+                   help="longest generated report, in GPT-2 tokens (counting <BOS> and <EOS>)")
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _overrides(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -203,6 +248,39 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "profile":
             p.add_argument("--out", default="profile_out", help="where profile.json/.html and the run go")
         p.set_defaults(func=cmd_train if name == "train" else cmd_profile)
+
+    p = sub.add_parser("sample", help="generate one combination (e.g. 'T->F+L') from given inputs or shard studies")
+    _add_generation_args(p)
+    p.add_argument("--combination", required=True, help="inputs->outputs over T (report), F, L, e.g. 'F+L->T'")
+    p.add_argument("--report", help="the report: text, or a file holding it")
+    p.add_argument("--frontal", help="a frontal view (JPEG)")
+    p.add_argument("--lateral", help="a lateral view (JPEG)")
+    p.add_argument("--from-shards", dest="from_shards", help="take the inputs from these shards' studies (--keys)")
+    p.add_argument("--keys", help="comma-separated sample keys of --from-shards")
+    p.add_argument("--split", default="test")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="generate for a fixed, seeded list of a split's studies and measure "
+                                        "(FID/KID, MS-SSIM, BLEU, ROUGE-L, label AUROC): eval.json, grids, HTML")
+    _add_generation_args(p)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--reference-split", dest="reference_split", default="validate",
+                   help="the real-vs-real floor: this split's studies against --split's")
+    p.add_argument("--combinations", default="T->F,T->L,F->T,L->T,F+L->T,T->F+L")
+    p.add_argument("--samples", type=int, default=100, help="studies per combination")
+    p.add_argument("--per-prompt", dest="per_prompt", type=int, default=2,
+                   help="samples per study (MS-SSIM diversity among them needs 2 or more)")
+    p.add_argument("--feature-extractor", dest="feature_extractor", default="inception",
+                   help="FID/KID features: inception (torch-fidelity's, from --feature-weights) or "
+                        "MODULE:FUNCTION (called with the weights path, returns an nn.Module)")
+    p.add_argument("--feature-weights", dest="feature_weights", help="local weights file of the feature extractor")
+    p.add_argument("--label-classifier", dest="label_classifier",
+                   help="MODULE:FUNCTION (called with --classifier-weights) returning a module: uint8 images "
+                        "[B,3,H,W] -> 14 CheXpert logits; AUROC per label on generated views")
+    p.add_argument("--classifier-weights", dest="classifier_weights")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("quickstart", help="the end-to-end demo on generated data")
     p.add_argument("--workdir", default="quickstart_out")

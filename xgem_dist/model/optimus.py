@@ -70,17 +70,19 @@ class Optimus(nn.Module):
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor, max_length: int = 100, greedy: bool = False,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> list[list[int]]:
         """Token ids per latent, <BOS> and <EOS> left out, as the released sampler makes them: from <BOS>, one
         token at a time until <EOS>; max_length counts <BOS> and the <EOS> forced into the last slot, so at
         most max_length - 2 tokens come back. Multinomial at temperature 1 (no top-k/top-p filtering) unless
         greedy. The latents are decoded one after the other (all of the first one's draws, then the
         second's), so a generator seeded as the released sampler's global RNG gives its tokens for the
-        whole batch; the draws are made on the generator's device, whatever the model's."""
+        whole batch; a list gives each latent its own generator. The draws are made on the generator's
+        device, whatever the model's."""
         gpt = self.decoder.config
         weight = self.latent_to_memory.weight
         out = []
-        for latent in z.to(device=weight.device, dtype=weight.dtype):
+        for i, latent in enumerate(z.to(device=weight.device, dtype=weight.dtype)):
+            own = generator[i] if isinstance(generator, list) else generator
             ids = torch.full((1, 1), gpt.bos_token_id, dtype=torch.long, device=weight.device)
             tokens: list[int] = []
             while True:
@@ -89,9 +91,9 @@ class Optimus(nn.Module):
                     token = int(logits.argmax())
                 else:
                     probs = logits.softmax(-1)
-                    if generator is not None:
-                        probs = probs.to(generator.device)
-                    token = int(torch.multinomial(probs, 1, generator=generator))
+                    if own is not None:
+                        probs = probs.to(own.device)
+                    token = int(torch.multinomial(probs, 1, generator=own))
                 if token == gpt.eos_token_id or ids.shape[1] + 1 >= max_length:
                     break
                 tokens.append(token)

@@ -4,6 +4,11 @@ Conditions (any of report text, frontal, lateral) become CLIP tokens and are mix
 the unconditional branch mixes the empty report and the blank image the same way. Two outputs are
 denoised together, their connectors attending to the environment vectors (`paper` wiring: each
 stream attends to the other's; `released`: to its own).
+
+Latents, the DDIM update and its noise stay float32 whatever the model's dtype; each network gets its
+input in its own dtype. `generator` is one torch.Generator for the whole batch (the released sampler's
+global RNG, drawn batch-wide) or one per item, so that an item's result does not depend on the others.
+Random draws are made on the generators' device and moved to the model's.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from .encoders import clip_image_token, clip_text_token
 from .objectives import clip_pixels
 from .tokenizers import Tokenizers
 from .xgem import XGeM, check_wiring
+
+Generators = torch.Generator | list[torch.Generator] | None
 
 MODALITIES = ("text", "frontal", "lateral")
 _LETTER = {"T": "text", "F": "frontal", "L": "lateral"}
@@ -62,11 +69,12 @@ class Sampler:
     def _text_tokens(self, texts: list[str]) -> torch.Tensor:
         enc = self.tokenizers.clip(texts, padding="max_length", max_length=self.tokenizers.clip_max_length,
                                    truncation=True, return_tensors="pt")
-        return clip_text_token(self.model.clip, enc["input_ids"].to(self._device))
+        return clip_text_token(self.model.clip, enc["input_ids"].to(self._device)).float()
 
     def _image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         size = self.model.clip.config.vision_config.image_size
-        return clip_image_token(self.model.clip, clip_pixels(images.to(self._device), size))
+        pixels = clip_pixels(images.to(self._device), size).to(self.model.clip.dtype)
+        return clip_image_token(self.model.clip, pixels).float()
 
     @property
     def _device(self) -> torch.device:
@@ -84,23 +92,37 @@ class Sampler:
                 uncond.append(self._image_tokens(torch.zeros(batch, 1, side, side)))
         return torch.stack(cond).mean(0), torch.stack(uncond).mean(0)
 
-    def _initial_latent(self, modality: str, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    def _initial_latent(self, modality: str, batch: int, generator: Generators) -> torch.Tensor:
         if modality == "text":
             shape = (batch, self.model.config.text_unet.latent_dim)
         else:
             factor = 2 ** (len(self.model.config.vae.block_out_channels) - 1)
             side = self.cfg.image_size // factor
             shape = (batch, self.model.config.image_unet.latent_channels, side, side)
-        return torch.randn(shape, generator=generator).to(self._device)
+        if isinstance(generator, list):
+            return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator]
+                             ).to(self._device)
+        device = generator.device if generator is not None else None
+        return torch.randn(shape, generator=generator, device=device).to(self._device)
+
+    def _eps(self, modality: str, x: torch.Tensor, steps: torch.Tensor, context: torch.Tensor,
+             env: torch.Tensor | None) -> torch.Tensor:
+        dtype = self._dtype(modality)
+        return self.unets[modality](x.to(dtype), steps, context.to(dtype), env=env).float()
+
+    def _dtype(self, modality: str) -> torch.dtype:
+        return next(self.unets[modality].parameters()).dtype
 
     @torch.no_grad()
-    def __call__(self, inputs: dict, outputs: tuple[str, ...], generator: torch.Generator | None = None) -> dict:
+    def __call__(self, inputs: dict, outputs: tuple[str, ...], generator: Generators = None) -> dict:
         """inputs: {"text": list[str], "frontal"/"lateral": [B,1,H,W] in [0,1]}; returns the outputs, images as
         [B,1,image_size,image_size] in [0,1] and reports as lists of strings, plus their final latents."""
         unknown = set(inputs) - set(MODALITIES) | set(outputs) - set(MODALITIES)
         if unknown or not inputs or not outputs or set(inputs) & set(outputs) or len(outputs) > 2:
             raise ValueError(f"inputs {sorted(inputs)} and 1-2 outputs {outputs} must be distinct modalities")
         batch = len(next(iter(inputs.values())))
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
         cond, uncond = self._contexts(inputs, batch)
         context = torch.cat([uncond, cond])
         scheduler = ddim_scheduler(self.cfg.steps)
@@ -109,12 +131,13 @@ class Sampler:
             steps = torch.full((2 * batch,), int(t), device=self._device)
             env = {}
             if len(outputs) == 2:
-                own = {m: self.unets[m].environment(torch.cat([latents[m]] * 2), steps) for m in outputs}
+                own = {m: self.unets[m].environment(torch.cat([latents[m]] * 2).to(self._dtype(m)), steps)
+                       for m in outputs}
                 env = own if self.wiring == "released" else {outputs[0]: own[outputs[1]],
                                                              outputs[1]: own[outputs[0]]}
             for m in outputs:
                 x = torch.cat([latents[m]] * 2)
-                eps_uncond, eps_cond = self.unets[m](x, steps, context, env=env.get(m)).chunk(2)
+                eps_uncond, eps_cond = self._eps(m, x, steps, context, env.get(m)).chunk(2)
                 eps = eps_uncond + self.cfg.guidance * (eps_cond - eps_uncond)
                 latents[m] = scheduler.step(eps, t, latents[m], eta=self.cfg.eta, generator=generator).prev_sample
         result: dict = {"latents": latents}
@@ -124,6 +147,6 @@ class Sampler:
                                                   generator=generator)
                 result[m] = self.tokenizers.gpt2.batch_decode(ids, skip_special_tokens=True)
             else:
-                decoded = self.model.vae.decode(latents[m] / IMAGE_LATENT_SCALE).sample
-                result[m] = ((decoded + 1) / 2).clamp(0, 1)[:, :1]
+                decoded = self.model.vae.decode((latents[m] / IMAGE_LATENT_SCALE).to(self.model.vae.dtype)).sample
+                result[m] = ((decoded.float() + 1) / 2).clamp(0, 1)[:, :1]
         return result
