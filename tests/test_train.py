@@ -216,6 +216,15 @@ def test_a_nan_loss_stops_the_run_before_its_checkpoint_and_the_best_one_is_kept
         assert (folder / "T-to-F.png").stat().st_size > 0
         real, generated = (folder / "F-to-T.txt").read_text().splitlines()[1:3]
         assert real.startswith("  real:") and generated.startswith("  generated:")
+    # the run dir is a MODEL for `sample` (its newest checkpoint, with its tokenizers): same seed, same bytes
+    written = []
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-m", "xgem_dist.cli", "sample", str(run_dir), "--combination", "T->F",
+                        "--report", "Small left pleural effusion.", "--steps", "2", "--seed", "3", "--out",
+                        str(tmp_path / name)], check=True, capture_output=True, env=ENV, timeout=300)
+        (png,) = (tmp_path / name).glob("*.png")
+        written.append(png.read_bytes())
+    assert written[0] == written[1]
 
 
 @pytest.mark.slow

@@ -136,6 +136,7 @@ class TrainConfig:
     sample_studies: int = 2
     sample_steps: int = 10
     sample_guidance: float = 7.5
+    sample_report_tokens: int = 100  # the longest generated report
 
 
 @dataclasses.dataclass

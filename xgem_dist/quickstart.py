@@ -64,7 +64,7 @@ def quickstart(workdir: str | Path, steps: int = 8) -> int:
     # one schedule over steps + 4; the 2-worker part stops at `steps`, the 1-worker part finishes it
     train = TrainConfig(model="tiny", stage="frontal", shards=str(shards), run_dir=str(run_dir), steps=steps + 4,
                         stop_at=steps, global_batch=4, checkpoint_every=2, lr=3e-4, ema_decay=0.9,
-                        sample_every=steps, sample_steps=4, sample_studies=2)
+                        sample_every=steps, sample_steps=4, sample_studies=2, sample_report_tokens=24)
     launch = LaunchConfig(num_workers=2, use_gpu=torch.cuda.is_available(), name="quickstart", max_failures=2)
     killed_at = steps // 2 + 1
     os.environ["XGEM_FAULTS"] = json.dumps({"exit_at_step": killed_at})  # the demonstration's kill (faults.py)
@@ -92,8 +92,8 @@ def quickstart(workdir: str | Path, steps: int = 8) -> int:
 
     from .generate.sample import sample_to_files
 
-    written = sample_to_files(str(model), "F->T+L", workdir / "sample", frontal=_a_frontal(shards), steps=10,
-                              guidance=7.5, seed=0, image_size=train.image_size)
+    written = sample_to_files(str(model), "F->T+L", workdir / "sample", frontal=str(_a_frontal(shards)), steps=10,
+                              guidance=7.5, seed=0, image_size=train.image_size, max_report_tokens=40)
     print(f"[6/7] sample F->T+L: {', '.join(str(p) for p in written)}")
 
     print("[7/7] what happened (summary.jsonl, steps.jsonl, checkpoints):")

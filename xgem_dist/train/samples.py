@@ -49,7 +49,8 @@ class TrainingSamples:
         self.combinations = [c.strip() for c in cfg.sample_combinations.split(",") if c.strip()]
         for combination in self.combinations:
             parse_combination(combination)  # a bad one fails at start, not at the first sampling step
-        self.config = SamplerConfig(steps=cfg.sample_steps, guidance=cfg.sample_guidance, image_size=cfg.image_size)
+        self.config = SamplerConfig(steps=cfg.sample_steps, guidance=cfg.sample_guidance, image_size=cfg.image_size,
+                                    max_report_tokens=cfg.sample_report_tokens)
         self.seed, self.folder = cfg.seed, Path(run_dir) / "samples"
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ RESUMABLE_CHANGES = ("run_dir", "resume", "allow_changes", "stop_at", "checkpoin
                      "decoder", "loader_threads", "prefetch", "pin_memory", "attention", "norm",
                      "activation_checkpointing", "deepspeed_config", "val_every", "val_samples", "ema_decay",
                      "ema_half_life_steps", "ema_start", "ema_warmup", "sample_every", "sample_combinations",
-                     "sample_studies", "sample_steps", "sample_guidance")
+                     "sample_studies", "sample_steps", "sample_guidance", "sample_report_tokens")
 CONTRASTIVE_STAGES = ("clip", "joint-text", "joint-frontal", "joint-lateral")
 
 
