@@ -151,6 +151,33 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
     return ds
 
 
+def build_task(cfg: TrainConfig, model, tokenizers: Tokenizers) -> TrainingTask:
+    """The stage's loss over `model` (also a meta-device copy, for counting FLOPs), with its conditioning."""
+    from ..data.precompute import load_empty
+
+    empty = load_empty(cfg.conditioning_shards, cfg.split) if cfg.conditioning == "precomputed" else None
+    return TrainingTask(model, cfg.stage, tokenizers, cfg.steps, cfg.wiring, cfg.cfg_dropout, cfg.conditioning, empty)
+
+
+def check_precomputed(cfg: TrainConfig, tokenizers: Tokenizers) -> None:
+    """With conditioning precomputed: refuses conditioning_shards computed with other tokenizers or (a fresh run's
+    init_from; a resume's weights come from its checkpoint) other encoder weights than this run's."""
+    from ..data.precompute import conditioning_build, encoders_sha256, tokenizers_sha256
+
+    if cfg.conditioning != "precomputed":
+        return
+    if not cfg.conditioning_shards:
+        raise ValueError("conditioning precomputed needs conditioning_shards (the `xgem-dist precompute` output)")
+    build = conditioning_build(cfg.conditioning_shards, cfg.split)
+    if tokenizers_sha256(tokenizers) != build["tokenizers_sha256"]:
+        raise ValueError(f"{cfg.conditioning_shards} was computed with other tokenizers than this run's: set "
+                         "tokenizers to those it was computed with (precompute saves the small ones it trains in "
+                         f"{cfg.conditioning_shards}/tokenizers)")
+    if cfg.init_from and encoders_sha256(cfg.init_from) != build["encoders_sha256"]:
+        raise ValueError(f"{cfg.conditioning_shards} was computed with other VAE/CLIP/Optimus weights than "
+                         f"init_from {cfg.init_from}; precompute again with --init-from {cfg.init_from}")
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float):
     warmup = max(1, int(total_steps * warmup_ratio))
 
@@ -185,7 +212,8 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
         for unet in (model.unet_frontal, model.unet_lateral, model.unet_text):
             unet.gradient_checkpointing = True
     trainable = [p for _, p in apply_stage(model, cfg.stage)]
-    task = TrainingTask(model, cfg.stage, tokenizers, cfg.steps, cfg.wiring, cfg.cfg_dropout)
+    check_precomputed(cfg, tokenizers)
+    task = build_task(cfg, model, tokenizers)
     schedule = lr_lambda(cfg.steps, cfg.warmup_ratio)
     if "optimizer" in ds:
         optimizer = None

@@ -90,7 +90,8 @@ def run(cfg: TrainConfig, use_ray: bool = False, timeout_s: int = 120) -> dict:
     run_dir = Path(cfg.run_dir)
     reader = ShardLoader(cfg.shards, cfg.global_batch, rank, world, cfg.image_size, cfg.grad_accum, cfg.seed,
                          cfg.split, decoder=cfg.decoder, threads=cfg.loader_threads, prefetch=cfg.prefetch,
-                         last_batch=cfg.last_batch, pin_memory=cfg.pin_memory)
+                         last_batch=cfg.last_batch, pin_memory=cfg.pin_memory,
+                         conditioning=cfg.conditioning_shards if cfg.conditioning == "precomputed" else "")
     reader.tokenizers = tokenizers = _tokenizers(cfg, reader)
     checkpoints = CheckpointManager(run_dir / "checkpoints", rank, world, cfg.keep_checkpoints, use_ray)
     start, resumed_from = 0, None
@@ -214,12 +215,12 @@ def _micro_flops(cfg: TrainConfig, tokenizers: Tokenizers, micro: dict) -> int:
     from ..model.attention import set_attention_backend
     from ..model.stages import apply_stage
     from ..model.xgem import build_xgem
-    from .task import TrainingTask
+    from .engine import build_task
 
     model = build_xgem(cfg.model, device="meta")
     set_attention_backend(model, cfg.attention)  # skipped work is not counted
     apply_stage(model, cfg.stage)
-    task = TrainingTask(model, cfg.stage, tokenizers, cfg.steps, cfg.wiring, cfg.cfg_dropout)
+    task = build_task(cfg, model, tokenizers)
     task.step = cfg.steps  # the Optimus KL term on
     meta_batch = {k: v.to("meta") if torch.is_tensor(v) and v.is_floating_point() else v for k, v in micro.items()}
     return count_flops(lambda: task(meta_batch).backward())
