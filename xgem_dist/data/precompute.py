@@ -8,7 +8,8 @@ blank image the online path would encode. Each source shard gives one output sha
 order; each split folder gets its own manifest.json (naming the source manifest's hash, the encoder weights' hash,
 the tokenizers' hash and the image size) and empty.safetensors (the empty-prompt embeddings).
 
-Deterministic (samples encoded in fixed chunks per shard, tars with mtime 0 and a fixed owner), atomic (a shard
+Deterministic (samples encoded in fixed chunks per shard, tars with mtime 0 and a fixed owner: the same bytes on
+the same device and thread count, the same values up to float rounding on any rank count), atomic (a shard
 appears whole, with its entry file, or not at all), resumable (a rerun skips the shards whose entry file is there
 and refuses output of another build), any fsspec URL. Under torchrun, rank r encodes the shards i with
 i % world == r; rank 0 writes the manifests once every rank is done.
@@ -79,7 +80,9 @@ def _shared_tokenizers(cfg: PrecomputeConfig, train_reader: ShardLoader, rank: i
 def tokenizers_sha256(tokenizers: Tokenizers) -> str:
     digest = hashlib.sha256()
     for name in ("clip", "bert"):
-        digest.update(getattr(tokenizers, name).backend_tokenizer.to_str().encode())
+        # canonical JSON: the library writes its vocabularies in hash-map order, which differs between processes
+        digest.update(json.dumps(json.loads(getattr(tokenizers, name).backend_tokenizer.to_str()), sort_keys=True)
+                      .encode())
     return digest.hexdigest()
 
 
