@@ -20,6 +20,7 @@ from ..model.norm import set_norm_backend
 from ..model.stages import apply_stage
 from ..model.tokenizers import Tokenizers
 from ..model.xgem import build_xgem
+from ..profile.comms import enable_comms_logger
 from .task import TrainingTask
 from .weights import load_init_weights
 
@@ -148,7 +149,20 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
             "weight_decay"]
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
+    if cfg.comms_logger:
+        ds = enable_comms_logger(ds)
     return ds
+
+
+def leaf_module_classes() -> list[type]:
+    """The blocks ZeRO-3 gathers whole (one gather per block instead of one per layer inside it): the UNets' and
+    the VAE's resnet blocks, the UNets' transformer blocks and the text UNet's residual blocks."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from ..model.text_unet import FCResBlock
+
+    return [ResnetBlock2D, Transformer2DModel, FCResBlock]
 
 
 def build_task(cfg: TrainConfig, model, tokenizers: Tokenizers) -> TrainingTask:
@@ -212,6 +226,10 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
         for unet in (model.unet_frontal, model.unet_lateral, model.unet_text):
             unet.gradient_checkpointing = True
     trainable = [p for _, p in apply_stage(model, cfg.stage)]
+    if zero3 and cfg.zero3_leaf_modules:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, leaf_module_classes())
     check_precomputed(cfg, tokenizers)
     task = build_task(cfg, model, tokenizers)
     schedule = lr_lambda(cfg.steps, cfg.warmup_ratio)
@@ -222,4 +240,25 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
     engine, *_ = deepspeed.initialize(
         model=task, optimizer=optimizer, model_parameters=trainable if optimizer is None else None, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    if zero3 and cfg.replicate_frozen:
+        replicate_frozen_at_first_forward(task)
     return engine
+
+
+def replicate_frozen_at_first_forward(task: torch.nn.Module) -> None:
+    """ZeRO-3 keeps every parameter partitioned and all-gathers it each time its module runs. Frozen parameters
+    never change, so at the first forward (after every checkpoint load and restore_frozen, on every rank at once)
+    they are gathered once and flagged persistent: the fetch skips them (available) and the release keeps them, in
+    the training precision. They stay out of the optimizer's own persistent list, so the step does not re-gather
+    them either, and their partitions stay in place: checkpoints, restore_frozen and export see them as before.
+    (Anything that repartitions one, e.g. GatheredParameters, only costs one more gather at its next use.)"""
+
+    def replicate(module: torch.nn.Module, _inputs) -> None:
+        handle.remove()
+        frozen = [p for p in module.parameters() if not p.requires_grad and hasattr(p, "ds_id")]
+        for param in frozen:
+            param.ds_persist = True
+        if frozen:
+            frozen[0].all_gather(param_list=frozen)
+
+    handle = task.register_forward_pre_hook(replicate)
