@@ -118,7 +118,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_ratio: float = 0.2  # linear warm-up over this share of the steps, then cosine to 0
     grad_clip: float = 1.0
-    deepspeed_config: str = "zero3"  # a name in xgem_dist/ds_configs/ or a path to a JSON config
+    deepspeed_config: str = "zero3"  # a name in xgem_dist/ds_configs/, a path to a JSON config, or auto (per stage: ZeRO-2 or zero3_tuned)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     attention: str = "auto"  # sdpa | triton | auto (exact single-key path; Triton kernel on CUDA where it applies)
@@ -146,9 +146,9 @@ class TrainConfig:
     conditioning: str = "online"
     conditioning_shards: str = ""
     # ZeRO-3: the UNets' resnet/transformer blocks as leaf modules (one gather per block, not per layer)
-    zero3_leaf_modules: bool = False
+    zero3_leaf_modules: bool = True
     # ZeRO-3: frozen modules kept whole on every rank (in the training precision) instead of partitioned
-    replicate_frozen: bool = False
+    replicate_frozen: bool = True
     # DeepSpeed's comms logger: collectives and bytes per step by type in the step metrics
     comms_logger: bool = False
     # fault injection for tests: a rank exits hard at this step (once per run_dir), or while saving it

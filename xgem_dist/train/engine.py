@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import sys
@@ -24,6 +25,7 @@ from ..profile.comms import enable_comms_logger
 from .task import TrainingTask
 from .weights import load_init_weights
 
+log = logging.getLogger(__name__)
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"  # package data, found from a wheel too
 
 
@@ -122,11 +124,47 @@ def check_world_sizes(cfg: TrainConfig, sizes: Sequence[int]) -> None:
     raise ValueError(message)
 
 
+def device_memory_bytes() -> int:
+    """This rank's accelerator memory, or on CPU the host's memory shared by the node's ranks."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    import psutil
+
+    return psutil.virtual_memory().total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def choose_zero(cfg: TrainConfig, world_size: int, memory: int | None = None) -> tuple[str, str]:
+    """`deepspeed_config: auto`: (config name, why). ZeRO-2 (no per-module gathers: the faster engine) when its
+    per-rank model state fits in half the device memory, leaving the rest to activations; else tuned ZeRO-3.
+    Model state per rank, from the parameter counts of the stage (meta device): every weight in the training
+    precision, plus per trainable parameter its gradient (ZeRO-2 partitions it) and fp32 master weight and Adam
+    moments (12 bytes) over the ranks."""
+    from ..model.stages import apply_stage
+
+    model = build_xgem(cfg.model, device="meta")
+    trainable = sum(p.numel() for _, p in apply_stage(model, cfg.stage))
+    total = sum(p.numel() for p in model.parameters())
+    width = 2 if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()) else 4
+    zero2 = total * width + trainable * (width + 12) / world_size
+    memory = device_memory_bytes() if memory is None else memory
+    gb = 1024**3
+    figures = (f"stage {cfg.stage}: {trainable / 1e6:.1f}M trainable of {total / 1e6:.1f}M parameters, ZeRO-2 model "
+               f"state {zero2 / gb:.1f} GiB per rank at W={world_size}, device memory {memory / gb:.1f} GiB")
+    if zero2 <= memory / 2:
+        return "zero2", f"{figures}: fits in half, ZeRO-2 (no per-module gathers)"
+    return "zero3_tuned", f"{figures}: over half, tuned ZeRO-3 (leaf blocks, frozen weights replicated)"
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
     check_world_sizes(cfg, [world_size])
-    path = Path(cfg.deepspeed_config)
+    name = cfg.deepspeed_config
+    if name == "auto":
+        name, why = choose_zero(cfg, world_size)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            log.warning("deepspeed_config auto: %s", why)
+    path = Path(name)
     if not path.suffix:
-        path = DS_CONFIGS / f"{cfg.deepspeed_config}.json"
+        path = DS_CONFIGS / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"deepspeed_config {cfg.deepspeed_config!r}: no file {path}; give a path to a JSON config "
                          f"or one of {sorted(p.stem for p in DS_CONFIGS.glob('*.json'))}")
