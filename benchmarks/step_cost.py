@@ -30,7 +30,8 @@ import torch
 
 # name -> (TrainConfig overrides, description)
 VARIANTS = {
-    "zero3": ({"deepspeed_config": "zero3"}, "stock ZeRO-3 (one gather per module)"),
+    "zero3": ({"deepspeed_config": "zero3", "zero3_leaf_modules": False, "replicate_frozen": False},
+              "stock ZeRO-3 (one gather per module, frozen encoders partitioned)"),
     "zero3-leaf": ({"deepspeed_config": "zero3_tuned", "zero3_leaf_modules": True, "replicate_frozen": True},
                    "ZeRO-3, leaf blocks, frozen encoders replicated, tuned persistence/prefetch"),
     "zero3-leaf-precomputed": ({"deepspeed_config": "zero3_tuned", "zero3_leaf_modules": True,

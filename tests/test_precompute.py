@@ -150,13 +150,13 @@ def _train(args: list[str]) -> dict[int, float]:
 @pytest.mark.parametrize("stage", ["frontal", "text"])
 def test_precomputed_conditioning_gives_the_online_losses(shards, init, conditioning, tmp_path, stage):
     """tiny, fp32, the same seeds: the per-step losses agree within 1e-5 relative."""
-    common = ["--shards", shards, "--steps", "3", "--set", f"stage={stage}", "--set", "global_batch=6",
+    common = ["--shards", shards, "--steps", "2", "--set", f"stage={stage}", "--set", "global_batch=6",
               "--set", "precision=fp32", "--set", f"init_from={init}", "--set",
               f"tokenizers={conditioning / 'tokenizers'}", "--set", "profile_flops=false"]
     online = _train([*common, "--run-dir", str(tmp_path / "online")])
     pre = _train([*common, "--run-dir", str(tmp_path / "pre"), "--set", "conditioning=precomputed",
                   "--set", f"conditioning_shards={conditioning}"])
-    assert sorted(online) == sorted(pre) == [1, 2, 3]
+    assert sorted(online) == sorted(pre) == [1, 2]
     worst = max(abs(online[s] - pre[s]) / abs(online[s]) for s in online)
     print(f"{stage}: worst relative per-step loss difference, precomputed vs online: {worst:.2e}")
     assert worst < 1e-5, (online, pre)

@@ -12,10 +12,10 @@
   checksums, keys), else it refuses to train and points to `xgem-dist verify-shards`.
 - Bytes: read by offset through the DALI index files (any fsspec URL, s3:// included): local shards
   through a memory map (no copy before the decoder's), object stores by concurrent range requests.
-- Precomputed conditioning (`conditioning`: the `xgem-dist precompute` output): its shards have the split's keys in
-  the same order and are read beside the reports at the same positions; the JPEGs are then not read at all.
   Decoded on the GPU with DALI or on the CPU (decode.py). A background thread decodes a bounded number
   of steps ahead while the reads of the next step run beside it.
+- Precomputed conditioning (`conditioning`: the `xgem-dist precompute` output): its shards have the split's keys in
+  the same order and are read beside the reports at the same positions; the JPEGs are then not read at all.
 """
 
 from __future__ import annotations

@@ -139,8 +139,6 @@ def choose_zero(cfg: TrainConfig, world_size: int, memory: int | None = None) ->
     Model state per rank, from the parameter counts of the stage (meta device): every weight in the training
     precision, plus per trainable parameter its gradient (ZeRO-2 partitions it) and fp32 master weight and Adam
     moments (12 bytes) over the ranks."""
-    from ..model.stages import apply_stage
-
     model = build_xgem(cfg.model, device="meta")
     trainable = sum(p.numel() for _, p in apply_stage(model, cfg.stage))
     total = sum(p.numel() for p in model.parameters())
