@@ -195,7 +195,7 @@ def _free_port() -> int:
 
 def print_tables(flops: list[dict], comms: list[dict], flops_model: str) -> None:
     print(f"\nFLOPs per sample, {flops_model} preset (forward + backward, meta device)")
-    print(f"| stage | online TFLOP | precomputed TFLOP | saved |\n|---|---|---|---|")
+    print("| stage | online TFLOP | precomputed TFLOP | saved |\n|---|---|---|---|")
     for r in flops:
         print(f"| {r['stage']} | {r['online_tflop']:.4f} | {r['precomputed_tflop']:.4f} | {100 * r['saved']:.1f}% |")
     if not comms:

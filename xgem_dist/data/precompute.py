@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import tarfile
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -39,7 +39,6 @@ from .loader import VIEWS, ShardLoader, tokenize_reports
 from .mimic import SPLITS, InputError
 from .shard import MANIFEST, index_text
 
-log = logging.getLogger(__name__)
 
 FORMAT = "xgem-dist-conditioning/1"
 MEMBER = "cond.safetensors"
@@ -143,7 +142,7 @@ def _tar(samples: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def _distributed() -> tuple[int, int, callable]:
+def _distributed() -> tuple[int, int, Callable[[], None]]:
     """(rank, world size, barrier) from a torchrun environment, or a single process."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return 0, 1, lambda: None
