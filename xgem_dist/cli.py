@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from .config import LaunchConfig, ShardConfig, TrainConfig, build_config
+from .config import LaunchConfig, PrecomputeConfig, ShardConfig, TrainConfig, build_config
 from .presets import preset_path
 
 
@@ -72,6 +72,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"{status}: {len(report.manifests)} manifest(s), {report.shards} shard(s), {report.samples} sample(s), "
           f"{len(report.problems)} problem(s)")
     return 0 if report.ok else 1
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from .data.precompute import precompute
+
+    fields = {f.name for f in dataclasses.fields(PrecomputeConfig)}
+    summary = precompute(build_config(PrecomputeConfig, None, {k: v for k, v in vars(args).items() if k in fields}))
+    if summary:
+        print(json.dumps(summary, indent=1))
+    return 0
 
 
 def cmd_convert_released(args: argparse.Namespace) -> int:
@@ -222,6 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="a shard-set root, a split folder or a manifest.json (any fsspec URL)")
     p.add_argument("--decode", action="store_true", help="also decode every JPEG")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("precompute", help="the frozen encoders' outputs (VAE and Optimus posteriors, CLIP embeddings) "
+                                          "for every sample, as shards beside the image shards (torchrun: per rank)")
+    p.add_argument("--shards", required=True, help="the image shards: a shard-set root or a split folder (any URL)")
+    p.add_argument("--init-from", dest="init_from", required=True, help="the encoders' weights (as TrainConfig.init_from)")
+    p.add_argument("--out", required=True, help="output URL (any fsspec URL)")
+    p.add_argument("--model", help="model preset (default tiny)")
+    p.add_argument("--image-size", dest="image_size", type=int, help="the training run's image_size")
+    p.add_argument("--tokenizers", help="folder with clip/ bert/ gpt2/ (tiny: trained on the train split)")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    p.set_defaults(func=cmd_precompute)
 
     p = sub.add_parser("convert-released", help="released XGeM checkpoint -> safetensors component folders")
     p.add_argument("checkpoint", help="the released .pt/.ckpt (read with torch.load(weights_only=True))")

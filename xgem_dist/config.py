@@ -47,6 +47,27 @@ class ShardConfig:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
 
+@dataclasses.dataclass
+class PrecomputeConfig:
+    """How `xgem-dist precompute` encodes a shard set with the frozen encoders (see data/precompute.py)."""
+
+    shards: str = ""  # the image shards: a shard-set root or one split folder (any fsspec URL)
+    init_from: str = ""  # the encoders' weights (a component folder or vae=...,clip=...,optimus=...)
+    out: str = ""  # any fsspec URL; gets the same split folders
+    model: str = "tiny"  # preset whose VAE, CLIP and Optimus are built
+    image_size: int = 64  # the training run's image_size: images are decoded at this size, as the loader does
+    tokenizers: str = ""  # as TrainConfig.tokenizers
+    batch_size: int = 32
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("shards", "init_from", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        if self.image_size < 1 or self.batch_size < 1:
+            raise ValueError("image_size >= 1 and batch_size >= 1")
+
+
 def _coerce(value: Any, annotation: Any) -> Any:
     if annotation is bool and isinstance(value, str):
         if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -97,7 +118,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_ratio: float = 0.2  # linear warm-up over this share of the steps, then cosine to 0
     grad_clip: float = 1.0
-    deepspeed_config: str = "zero3"  # a name in xgem_dist/ds_configs/ or a path to a JSON config
+    deepspeed_config: str = "zero3"  # a name in xgem_dist/ds_configs/, a path to a JSON config, or auto (per stage: ZeRO-2 or zero3_tuned)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     attention: str = "auto"  # sdpa | triton | auto (exact single-key path; Triton kernel on CUDA where it applies)
@@ -137,6 +158,16 @@ class TrainConfig:
     sample_steps: int = 10
     sample_guidance: float = 7.5
     sample_report_tokens: int = 100  # the longest generated report
+    # where the frozen encoders' outputs come from: online (run every step) | precomputed (read from
+    # conditioning_shards, written by `xgem-dist precompute` with the run's init_from, tokenizers and image_size)
+    conditioning: str = "online"
+    conditioning_shards: str = ""
+    # ZeRO-3: the UNets' resnet/transformer blocks as leaf modules (one gather per block, not per layer)
+    zero3_leaf_modules: bool = True
+    # ZeRO-3: frozen modules kept whole on every rank (in the training precision) instead of partitioned
+    replicate_frozen: bool = True
+    # DeepSpeed's comms logger: collectives and bytes per step by type in the step metrics
+    comms_logger: bool = False
 
 
 @dataclasses.dataclass

@@ -74,7 +74,7 @@ def quickstart(workdir: str | Path, steps: int = 8) -> int:
         del os.environ["XGEM_FAULTS"]
     runs = _runs(run_dir)
     restarted = _group_starts(run_dir) > 1 and runs[-1]["resumed_from"] is not None
-    print(f"[3/7] 2 workers, validation + EMA + samples: "
+    print("[3/7] 2 workers, validation + EMA + samples: "
           + (f"a worker was killed after step {killed_at} on purpose; Ray restarted the group, which resumed from "
              f"{Path(runs[-1]['resumed_from']).name} and finished step {runs[-1]['end_step']}" if restarted else
              f"finished step {runs[-1]['end_step']} (no restart was observed)"))

@@ -14,6 +14,8 @@
   through a memory map (no copy before the decoder's), object stores by concurrent range requests.
   Decoded on the GPU with DALI or on the CPU (decode.py). A background thread decodes a bounded number
   of steps ahead while the reads of the next step run beside it.
+- Precomputed conditioning (`conditioning`: the `xgem-dist precompute` output): its shards have the split's keys in
+  the same order and are read beside the reports at the same positions; the JPEGs are then not read at all.
 """
 
 from __future__ import annotations
@@ -236,10 +238,10 @@ class ShardLoader:
     def __init__(self, url: str, global_batch: int, rank: int, world_size: int, image_size: int,
                  grad_accum: int = 1, seed: int = 0, split: str = "train", decoder: str = "pil",
                  threads: int = 0, prefetch: int = 2, last_batch: str = "drop", pin_memory: bool = False,
-                 tokenizers=None, fixed_reads: bool = False):
+                 tokenizers=None, fixed_reads: bool = False, conditioning: str = ""):
         """threads: decode and read threads (0: default_threads()); prefetch: steps decoded ahead (0: none,
         everything happens in next_step); fixed_reads: only read_fixed is used (validation), so a split smaller
-        than one global batch is fine."""
+        than one global batch is fine; conditioning: URL of precomputed conditioning shards for this set."""
         if global_batch % (world_size * grad_accum):
             raise ValueError(f"global batch {global_batch} does not divide into {grad_accum} micro-batch(es) "
                              f"over {world_size} rank(s); pick a global batch that is a multiple of "
@@ -264,6 +266,7 @@ class ShardLoader:
         self.decoder = make_decoder(decoder, image_size, 2 * global_batch // (world_size * grad_accum), threads,
                                     self._cuda_device)
         self._maps: dict[str, mmap.mmap] = {}  # local shards, mapped once
+        self.conditioning = _ConditioningSet(conditioning, split, self) if conditioning else None
         self.tokenizers = tokenizers
         self.epoch, self.consumed = 0, 0  # as of the last step handed out
         self._cursor = (0, 0)  # as of the last step produced
@@ -370,19 +373,22 @@ class ShardLoader:
             self._thread, self._queue = None, None
         self._cursor = (self.epoch, self.consumed)
 
-    def _mapped(self, shard: str) -> memoryview:
-        if shard not in self._maps:
-            with open(f"{self.store.path}/{shard}", "rb") as f:
+    def _mapped(self, store: Store, shard: str) -> memoryview:
+        path = f"{store.path}/{shard}"
+        if path not in self._maps:
+            with open(path, "rb") as f:
                 if os.fstat(f.fileno()).st_size == 0:
-                    raise OSError(f"{self.store.url_of(shard)} is empty (0 bytes) since training started; "
-                                  f"check the set with `xgem-dist verify-shards {self.store.url}`")
-                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return memoryview(self._maps[shard])
+                    raise OSError(f"{store.url_of(shard)} is empty (0 bytes) since training started; "
+                                  f"check the set with `xgem-dist verify-shards {store.url}`")
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return memoryview(self._maps[path])
 
-    def read_members(self, wanted: list[tuple[SampleRef | None, str]]) -> list[bytes | memoryview | None]:
+    def read_members(self, wanted: list[tuple[SampleRef | None, str]],
+                     store: Store | None = None) -> list[bytes | memoryview | None]:
         """The bytes of each (sample, member), None where absent, read by offset: from local shards as
         zero-copy views of the mapped file (the decoder's copy is the only one), from object stores as
-        concurrent range requests."""
+        concurrent range requests. store: where the samples' shards are (default: the image shards)."""
+        store = store or self.store
         out: list[bytes | memoryview | None] = [None] * len(wanted)
         ranges = [(i, ref.shard, *ref.members[ext]) for i, (ref, ext) in enumerate(wanted)
                   if ref is not None and ext in ref.members]
@@ -390,43 +396,50 @@ class ShardLoader:
             if size == 0:
                 out[i] = b""  # never requested: an object store answers an empty range with the whole object
         ranges = [r for r in ranges if r[3] > 0]
-        if self.store.is_local:
-            datas = [self._mapped(shard)[offset : offset + size] for _, shard, offset, size in ranges]
+        if store.is_local:
+            datas = [self._mapped(store, shard)[offset : offset + size] for _, shard, offset, size in ranges]
         elif ranges:
-            datas = self.store.fs.cat_ranges([f"{self.store.path}/{shard}" for _, shard, _, _ in ranges],
+            datas = store.fs.cat_ranges([f"{store.path}/{shard}" for _, shard, _, _ in ranges],
                                              [offset for *_, offset, _ in ranges],
                                              [offset + size for *_, offset, size in ranges], on_error="raise")
         else:
             datas = []
         for (i, shard, offset, size), data in zip(ranges, datas):
             if len(data) != size:
-                raise OSError(f"{self.store.url_of(shard)}: {len(data)} bytes at offset {offset}, the index says "
+                raise OSError(f"{store.url_of(shard)}: {len(data)} bytes at offset {offset}, the index says "
                               f"{size}; the shard is truncated or does not match its index")
             out[i] = data
         return out
 
     def _read(self, order: torch.Tensor, epoch: int, positions: list[int]) -> dict:
         """One micro-batch's identity and raw bytes (reports, then views in VIEWS order)."""
-        refs = [self.samples[int(order[p])] if p < len(self.samples) else None for p in positions]
-        return self._raw(refs, positions, [sample_seed(self.seed, epoch, p) for p in positions])
+        indexes = [int(order[p]) if p < len(self.samples) else None for p in positions]
+        return self._raw(indexes, positions, [sample_seed(self.seed, epoch, p) for p in positions])
 
-    def _raw(self, refs: list[SampleRef | None], positions: list[int], seeds: list[int]) -> dict:
-        return {"key": [r.key if r else "" for r in refs], "position": positions, "seed": seeds,
-                "valid": torch.tensor([r is not None for r in refs]),
-                "members": self.read_members([(r, "report.txt") for r in refs]
-                                             + [(r, f"{v}.jpg") for v in VIEWS for r in refs])}
+    def _raw(self, indexes: list[int | None], positions: list[int], seeds: list[int]) -> dict:
+        refs = [self.samples[i] if i is not None else None for i in indexes]
+        batch = {"key": [r.key if r else "" for r in refs], "position": positions, "seed": seeds,
+                 "valid": torch.tensor([r is not None for r in refs])}
+        reports = self.read_members([(r, "report.txt") for r in refs])
+        if self.conditioning is not None:
+            return batch | {"members": reports, "conditioning": self.conditioning.read(indexes)}
+        return batch | {"members": reports + self.read_members([(r, f"{v}.jpg") for v in VIEWS for r in refs])}
 
     def read_fixed(self, indices: list[int | None], seeds: list[int]) -> dict:
         """One decoded micro-batch of the samples at these indices of the manifest's order (None: a padding row,
         invalid), with the given per-sample seeds: validation and samples read the same studies every time."""
-        refs = [self.samples[i] if i is not None else None for i in indices]
-        return self._decode(self._raw(refs, [-1 if i is None else i for i in indices], seeds))
+        return self._decode(self._raw(indices, [-1 if i is None else i for i in indices], seeds))
 
     def _decode(self, batch: dict) -> dict:
         members, n = batch.pop("members"), len(batch["key"])
         batch["report"] = [bytes(data or b"").decode("utf-8") for data in members[:n]]
         if self.tokenizers is not None:
             batch.update(tokenize_reports(self.tokenizers, batch["report"]))
+        if self.conditioning is not None:
+            conditioning = self.conditioning.decode(batch.pop("conditioning"))
+            for view in VIEWS:
+                conditioning[f"{view}_present"] = conditioning[f"{view}_present"].bool()
+            return batch | conditioning
         images, present = self.decoder(members[n:])
         for i, view in enumerate(VIEWS):
             batch[view] = images[i * n : (i + 1) * n]
@@ -434,3 +447,40 @@ class ShardLoader:
             if self.pin_memory and batch[view].device.type == "cpu":
                 batch[view] = batch[view].pin_memory()
         return batch
+
+
+class _ConditioningSet:
+    """The precomputed conditioning of a loader's split: refused unless it was computed from this very manifest
+    at this image size, with the same keys in the same order."""
+
+    def __init__(self, url: str, split: str, loader: ShardLoader):
+        from .precompute import MEMBER, conditioning_store, stack_samples
+
+        self.loader, self.member, self._stack = loader, MEMBER, stack_samples
+        self.store = conditioning_store(url, split)
+        if not self.store.exists(MANIFEST):
+            raise InputError(f"{self.store.url_of(MANIFEST)} is missing: run `xgem-dist precompute --shards "
+                             f"{loader.store.url} ... --out {url}` first (or let it finish)")
+        manifest = json.loads(self.store.read_bytes(MANIFEST))
+        build, self.shapes = manifest["build"], manifest["shapes"]
+        if build["source_manifest"] != loader.manifest_hash:
+            raise InputError(f"{self.store.url}: computed from a shard set whose manifest hash is "
+                             f"{build['source_manifest']}, not {loader.store.url_of(MANIFEST)} "
+                             f"({loader.manifest_hash}); rerun `xgem-dist precompute` for these shards")
+        if build["image_size"] != loader.image_size:
+            raise InputError(f"{self.store.url}: computed at image_size {build['image_size']}, the run has "
+                             f"{loader.image_size}; precompute again with --image-size {loader.image_size}")
+        self.samples = load_shard_set(self.store, manifest)
+        keys, theirs = [r.key for r in loader.samples], [r.key for r in self.samples]
+        if keys != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(keys, theirs)) if a != b), min(len(keys), len(theirs)))
+            raise InputError(f"{self.store.url}: its samples are not those of {loader.store.url} in the same order "
+                             f"(position {first}: {theirs[first:first + 1]} vs {keys[first:first + 1]}; "
+                             f"{len(theirs)} vs {len(keys)} samples); rerun `xgem-dist precompute`")
+
+    def read(self, indexes: list[int | None]) -> list:
+        refs = [self.samples[i] if i is not None else None for i in indexes]
+        return self.loader.read_members([(r, self.member) for r in refs], self.store)
+
+    def decode(self, members: list) -> dict[str, torch.Tensor]:
+        return self._stack(members, self.shapes)

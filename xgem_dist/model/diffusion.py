@@ -110,8 +110,14 @@ def image_latents(vae, images: torch.Tensor, rng: PerSampleRandom) -> torch.Tens
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     posterior = vae.encode(images).latent_dist
-    noise = rng.randn(posterior.mean.shape[1:], dtype=posterior.mean.dtype).to(posterior.mean.device)
-    return (posterior.mean + posterior.std * noise) * IMAGE_LATENT_SCALE
+    return posterior_latents(posterior.mean, posterior.logvar, rng)
+
+
+def posterior_latents(mean: torch.Tensor, logvar: torch.Tensor, rng: PerSampleRandom) -> torch.Tensor:
+    """A scaled sample of the VAE posterior N(mean, exp(logvar)) [B, 4, h, w], the noise drawn from each sample's
+    own generator (the same draw as image_latents: a precomputed posterior gives the same latents)."""
+    noise = rng.randn(mean.shape[1:], dtype=mean.dtype).to(mean.device)
+    return (mean + torch.exp(0.5 * logvar) * noise) * IMAGE_LATENT_SCALE
 
 
 @torch.no_grad()

@@ -14,12 +14,12 @@ def micro_batch_flops(cfg: TrainConfig, tokenizers: Tokenizers, micro: dict) -> 
     from ..model.attention import set_attention_backend
     from ..model.stages import apply_stage
     from ..model.xgem import build_xgem
-    from ..train.task import TrainingTask
+    from ..train.engine import build_task
 
     model = build_xgem(cfg.model, device="meta")
     set_attention_backend(model, cfg.attention)
     apply_stage(model, cfg.stage)
-    task = TrainingTask(model, cfg.stage, tokenizers, cfg.steps, cfg.wiring, cfg.cfg_dropout)
+    task = build_task(cfg, model, tokenizers)
     task.step = cfg.steps  # the Optimus KL term on
     meta_batch = {k: v.to("meta") if torch.is_tensor(v) and v.is_floating_point() else v for k, v in micro.items()}
     return count_flops(lambda: task(meta_batch).backward())

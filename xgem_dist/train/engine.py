@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import sys
@@ -20,9 +21,11 @@ from ..model.norm import set_norm_backend
 from ..model.stages import apply_stage
 from ..model.tokenizers import Tokenizers
 from ..model.xgem import build_xgem
+from ..profile.comms import enable_comms_logger
 from .task import TrainingTask
 from .weights import load_init_weights
 
+log = logging.getLogger(__name__)
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"  # package data, found from a wheel too
 
 
@@ -121,11 +124,47 @@ def check_world_sizes(cfg: TrainConfig, sizes: Sequence[int]) -> None:
     raise ValueError(message)
 
 
+def device_memory_bytes() -> int:
+    """This rank's accelerator memory, or on CPU the host's memory shared by the node's ranks."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    import psutil
+
+    return psutil.virtual_memory().total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def choose_zero(cfg: TrainConfig, world_size: int, memory: int | None = None) -> tuple[str, str]:
+    """`deepspeed_config: auto`: (config name, why). ZeRO-2 (no per-module gathers: the faster engine) when its
+    per-rank model state fits in half the device memory, leaving the rest to activations; else tuned ZeRO-3.
+    Model state per rank, from the parameter counts of the stage (meta device): every weight in the training
+    precision, plus per trainable parameter its gradient (ZeRO-2 partitions it) and fp32 master weight and Adam
+    moments (12 bytes) over the ranks."""
+    model = build_xgem(cfg.model, device="meta")
+    trainable = sum(p.numel() for _, p in apply_stage(model, cfg.stage))
+    total = sum(p.numel() for p in model.parameters())
+    width = 2 if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()) else 4
+    zero2 = total * width + trainable * (width + 12) / world_size
+    memory = device_memory_bytes() if memory is None else memory
+    gb = 1024**3
+    figures = (f"stage {cfg.stage}: {trainable / 1e6:.1f}M trainable of {total / 1e6:.1f}M parameters, ZeRO-2 model "
+               f"state {zero2 / gb:.1f} GiB per rank at W={world_size}, device memory {memory / gb:.1f} GiB")
+    if cfg.ema_decay > 0 or cfg.ema_half_life_steps > 0:
+        return "zero3_tuned", f"{figures}: tuned ZeRO-3, whose partitions the EMA averages rank by rank"
+    if zero2 <= memory / 2:
+        return "zero2", f"{figures}: fits in half, ZeRO-2 (no per-module gathers)"
+    return "zero3_tuned", f"{figures}: over half, tuned ZeRO-3 (leaf blocks, frozen weights replicated)"
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
     check_world_sizes(cfg, [world_size])
-    path = Path(cfg.deepspeed_config)
+    name = cfg.deepspeed_config
+    if name == "auto":
+        name, why = choose_zero(cfg, world_size)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            log.warning("deepspeed_config auto: %s", why)
+    path = Path(name)
     if not path.suffix:
-        path = DS_CONFIGS / f"{cfg.deepspeed_config}.json"
+        path = DS_CONFIGS / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"deepspeed_config {cfg.deepspeed_config!r}: no file {path}; give a path to a JSON config "
                          f"or one of {sorted(p.stem for p in DS_CONFIGS.glob('*.json'))}")
@@ -148,7 +187,47 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
             "weight_decay"]
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
+    if cfg.comms_logger:
+        ds = enable_comms_logger(ds)
     return ds
+
+
+def leaf_module_classes() -> list[type]:
+    """The blocks ZeRO-3 gathers whole (one gather per block instead of one per layer inside it): the UNets' and
+    the VAE's resnet blocks, the UNets' transformer blocks and the text UNet's residual blocks."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from ..model.text_unet import FCResBlock
+
+    return [ResnetBlock2D, Transformer2DModel, FCResBlock]
+
+
+def build_task(cfg: TrainConfig, model, tokenizers: Tokenizers) -> TrainingTask:
+    """The stage's loss over `model` (also a meta-device copy, for counting FLOPs), with its conditioning."""
+    from ..data.precompute import load_empty
+
+    empty = load_empty(cfg.conditioning_shards, cfg.split) if cfg.conditioning == "precomputed" else None
+    return TrainingTask(model, cfg.stage, tokenizers, cfg.steps, cfg.wiring, cfg.cfg_dropout, cfg.conditioning, empty)
+
+
+def check_precomputed(cfg: TrainConfig, tokenizers: Tokenizers) -> None:
+    """With conditioning precomputed: refuses conditioning_shards computed with other tokenizers or (a fresh run's
+    init_from; a resume's weights come from its checkpoint) other encoder weights than this run's."""
+    from ..data.precompute import conditioning_build, encoders_sha256, tokenizers_sha256
+
+    if cfg.conditioning != "precomputed":
+        return
+    if not cfg.conditioning_shards:
+        raise ValueError("conditioning precomputed needs conditioning_shards (the `xgem-dist precompute` output)")
+    build = conditioning_build(cfg.conditioning_shards, cfg.split)
+    if tokenizers_sha256(tokenizers) != build["tokenizers_sha256"]:
+        raise ValueError(f"{cfg.conditioning_shards} was computed with other tokenizers than this run's: set "
+                         "tokenizers to those it was computed with (precompute saves the small ones it trains in "
+                         f"{cfg.conditioning_shards}/tokenizers)")
+    if cfg.init_from and encoders_sha256(cfg.init_from) != build["encoders_sha256"]:
+        raise ValueError(f"{cfg.conditioning_shards} was computed with other VAE/CLIP/Optimus weights than "
+                         f"init_from {cfg.init_from}; precompute again with --init-from {cfg.init_from}")
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -185,7 +264,12 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
         for unet in (model.unet_frontal, model.unet_lateral, model.unet_text):
             unet.gradient_checkpointing = True
     trainable = [p for _, p in apply_stage(model, cfg.stage)]
-    task = TrainingTask(model, cfg.stage, tokenizers, cfg.steps, cfg.wiring, cfg.cfg_dropout)
+    if zero3 and cfg.zero3_leaf_modules:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, leaf_module_classes())
+    check_precomputed(cfg, tokenizers)
+    task = build_task(cfg, model, tokenizers)
     schedule = lr_lambda(cfg.steps, cfg.warmup_ratio)
     if "optimizer" in ds:
         optimizer = None
@@ -194,4 +278,25 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
     engine, *_ = deepspeed.initialize(
         model=task, optimizer=optimizer, model_parameters=trainable if optimizer is None else None, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    if zero3 and cfg.replicate_frozen:
+        replicate_frozen_at_first_forward(task)
     return engine
+
+
+def replicate_frozen_at_first_forward(task: torch.nn.Module) -> None:
+    """ZeRO-3 keeps every parameter partitioned and all-gathers it each time its module runs. Frozen parameters
+    never change, so at the first forward (after every checkpoint load and restore_frozen, on every rank at once)
+    they are gathered once and flagged persistent: the fetch skips them (available) and the release keeps them, in
+    the training precision. They stay out of the optimizer's own persistent list, so the step does not re-gather
+    them either, and their partitions stay in place: checkpoints, restore_frozen and export see them as before.
+    (Anything that repartitions one, e.g. GatheredParameters, only costs one more gather at its next use.)"""
+
+    def replicate(module: torch.nn.Module, _inputs) -> None:
+        handle.remove()
+        frozen = [p for p in module.parameters() if not p.requires_grad and hasattr(p, "ds_id")]
+        for param in frozen:
+            param.ds_persist = True
+        if frozen:
+            frozen[0].all_gather(param_list=frozen)
+
+    handle = task.register_forward_pre_hook(replicate)

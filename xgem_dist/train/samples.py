@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..config import TrainConfig
+from ..data.loader import ShardLoader
 from ..model.sample import Sampler, SamplerConfig, parse_combination
 from .validate import Validator
 
@@ -38,7 +39,9 @@ def write_png(path: Path, images: torch.Tensor) -> None:
 
 class TrainingSamples:
     def __init__(self, cfg: TrainConfig, validator: Validator, run_dir: str | Path):
-        loader = validator.loader
+        # the views themselves (given as inputs, shown beside the outputs), also when training reads conditioning
+        loader = ShardLoader(cfg.shards, cfg.global_batch, 0, 1, cfg.image_size, split="validate", prefetch=0,
+                             decoder="pil", tokenizers=None, fixed_reads=True)
         complete = [i for i in validator.indices if {"frontal.jpg", "lateral.jpg"} <= set(loader.samples[i].members)
                     and loader.samples[i].members.get("report.txt", (0, 0))[1] > 0]
         if len(complete) < cfg.sample_studies:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
+
+import torch
 
 from ..config import TrainConfig
 from ..data.loader import ShardLoader
 from ..model.tokenizers import Tokenizers, load_tokenizers, train_small_tokenizers
+from .collectives import Collectives
 from .engine import check_world_sizes
 
 log = logging.getLogger(__name__)
@@ -19,7 +23,8 @@ RESUMABLE_CHANGES = ("run_dir", "resume", "allow_changes", "stop_at", "checkpoin
                      "decoder", "loader_threads", "prefetch", "pin_memory", "attention", "norm",
                      "activation_checkpointing", "deepspeed_config", "val_every", "val_samples", "ema_decay",
                      "ema_half_life_steps", "ema_start", "ema_warmup", "sample_every", "sample_combinations",
-                     "sample_studies", "sample_steps", "sample_guidance", "sample_report_tokens")
+                     "sample_studies", "sample_steps", "sample_guidance", "sample_report_tokens", "conditioning",
+                     "conditioning_shards", "zero3_leaf_modules", "replicate_frozen", "comms_logger")
 CONTRASTIVE_STAGES = ("clip", "joint-text", "joint-frontal", "joint-lateral")
 
 
@@ -46,13 +51,28 @@ def check_stage_settings(cfg: TrainConfig, world: int) -> None:
                          f"grad_accum 1 (got {cfg.grad_accum}); raise the number of ranks or lower global_batch")
 
 
-def run_tokenizers(cfg: TrainConfig, reader: ShardLoader) -> Tokenizers:
-    """The tokenizers folder given, or (tiny model only) small ones trained on the split's reports."""
+def conditioning_shards(cfg: TrainConfig) -> str:
+    """The precomputed conditioning's URL, or "" when the run encodes online."""
+    return cfg.conditioning_shards if cfg.conditioning == "precomputed" else ""
+
+
+def run_tokenizers(cfg: TrainConfig, reader: ShardLoader, checkpoint: Path | None, rank: int) -> Tokenizers:
+    """The tokenizers folder given; else those a resumed checkpoint saved; else (tiny model only) small ones
+    trained on the split's reports by rank 0 and handed to every rank (their ids depend on the process that
+    trains them)."""
     if cfg.tokenizers:
         return load_tokenizers(cfg.tokenizers)
+    if checkpoint is not None and (checkpoint / "tokenizers").is_dir():
+        return load_tokenizers(checkpoint / "tokenizers")
     if cfg.model != "tiny":
         raise ValueError(f"model {cfg.model!r} needs its real tokenizers: set tokenizers to a folder with clip/, "
                          "bert/ and gpt2/ (save_pretrained layout)")
-    reports = reader.read_members([(ref, "report.txt") for ref in reader.samples])
-    texts = [bytes(r).decode() for r in reports if r]
-    return train_small_tokenizers([t for t in texts if t.strip()] or ["empty"])
+    trained = None
+    if rank == 0:
+        reports = reader.read_members([(ref, "report.txt") for ref in reader.samples])
+        texts = [bytes(r).decode() for r in reports if r]
+        trained = train_small_tokenizers([t for t in texts if t.strip()] or ["empty"])
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return trained
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return Collectives(device).gather_objects(trained)[0]

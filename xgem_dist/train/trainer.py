@@ -23,6 +23,7 @@ from ..config import TrainConfig
 from ..data.loader import ShardLoader
 from ..model.diffusion import GlobalBatch
 from ..model.export import config_to_dict
+from ..profile.comms import CommsCounter
 from ..profile.flops import micro_batch_flops
 from ..profile.metrics import StepProfiler, aggregate, peak_tflops
 from ..profile.report import MetricSinks
@@ -38,7 +39,7 @@ from .health import LossBreakdown, check_finite
 from .preemption import StopRequest
 from .safe_load import data_only_loads
 from .samples import TrainingSamples
-from .settings import check_resumable, check_stage_settings, run_tokenizers
+from .settings import check_resumable, check_stage_settings, conditioning_shards, run_tokenizers
 from .validate import Validator, validation_due
 from .weights import restore_frozen
 
@@ -54,8 +55,8 @@ class Trainer:
         self.faults = Faults.from_env()
         self.data = ShardLoader(cfg.shards, cfg.global_batch, self.rank, self.world, cfg.image_size, cfg.grad_accum,
                                 cfg.seed, cfg.split, decoder=cfg.decoder, threads=cfg.loader_threads,
-                                prefetch=cfg.prefetch, last_batch=cfg.last_batch, pin_memory=cfg.pin_memory)
-        self.data.tokenizers = self.tokenizers = run_tokenizers(cfg, self.data)
+                                prefetch=cfg.prefetch, last_batch=cfg.last_batch, pin_memory=cfg.pin_memory,
+                                conditioning=conditioning_shards(cfg))
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.rank, self.world, cfg.keep_checkpoints,
                                              use_ray)
         self.step, self.resumed_from, self.best, self.last_checkpoint = 0, None, None, None
@@ -71,6 +72,7 @@ class Trainer:
         self.trace = TraceWindow(cfg.trace_steps, self.run_dir / f"trace-rank{self.rank}.json")
         self.termination = StopRequest(use_ray)
         self.breakdown = LossBreakdown(self.engine.device, self.world)
+        self.comms = CommsCounter()
         self.losses: list[float] = []
         self.validations: list[dict] = []
         self.grad_norm, self.images = 0.0, 0
@@ -83,6 +85,7 @@ class Trainer:
             if folder is not None:
                 state = CheckpointManager.read_state(folder)
                 check_resumable(state["config"], cfg)
+            self.data.tokenizers = self.tokenizers = run_tokenizers(cfg, self.data, folder, self.rank)
             load_from, universal = (None, False) if folder is None else self.checkpoints.prepare(folder, self.local_rank)
             # a resume takes every weight from the checkpoint: init_from is only read by a fresh run
             self.engine = build_engine(cfg if folder is None else dataclasses.replace(cfg, init_from=""),
@@ -142,6 +145,7 @@ class Trainer:
         """Optimizer step `step` (1-based) over this rank's micro-batches; returns the global batch's loss."""
         cfg, engine, task, profiler = self.cfg, self.engine, self.task, self.profiler
         task.step = step - 1
+        self.comms.begin_step()
         with profiler.phase("data"):
             micros = self.data.next_step()
             counted = sum(int(task.target_weights(micro).sum()) for micro in micros)
@@ -159,6 +163,7 @@ class Trainer:
             with profiler.phase("optimizer"):
                 engine.step()
             step_loss += loss.detach().float() / (self.world * cfg.grad_accum)
+        self.step_comms = self.comms.end_step()  # before the loop's own collectives
         loss = self.collectives.sum(step_loss).item()  # each micro-batch returned its share of the global mean
         check_finite("loss", loss, step, self.last_checkpoint)
         self.grad_norm = float(engine.get_global_grad_norm() or 0.0)
@@ -240,7 +245,7 @@ class Trainer:
         recent = [r.seconds for r in self.profiler.records[1:][-20:]] or [record.seconds]
         row = {"train/loss": loss, "train/lr": self.engine.get_lr()[0], "train/grad_norm": self.grad_norm,
                "train/samples_per_s": self.cfg.global_batch / record.seconds,
-               "train/eta_s": (end - self.step) * statistics.median(recent), **health, **figures}
+               "train/eta_s": (end - self.step) * statistics.median(recent), **health, **self.step_comms, **figures}
         for name, stats in spread.items():
             row |= {name: stats["median"], f"{name}/min": stats["min"], f"{name}/max": stats["max"]}
         self.sinks.write(self.step, row)

@@ -19,6 +19,7 @@ from ..data.loader import ShardLoader, sample_seed
 from ..model.diffusion import GlobalBatch
 from .collectives import Collectives
 from .health import BUCKETS, TRAIN_TIMESTEPS, LossBreakdown
+from .settings import conditioning_shards
 
 log = logging.getLogger(__name__)
 SUBSET_SEED = 0
@@ -34,7 +35,8 @@ class Validator:
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, tokenizers):
         self.loader = ShardLoader(cfg.shards, cfg.global_batch, rank, world_size, cfg.image_size, cfg.grad_accum,
                                   cfg.seed, "validate", decoder=cfg.decoder, threads=cfg.loader_threads, prefetch=0,
-                                  pin_memory=cfg.pin_memory, tokenizers=tokenizers, fixed_reads=True)
+                                  pin_memory=cfg.pin_memory, tokenizers=tokenizers, fixed_reads=True,
+                                  conditioning=conditioning_shards(cfg))
         available = len(self.loader.samples)
         chosen = torch.randperm(available, generator=torch.Generator().manual_seed(SUBSET_SEED))
         self.indices = chosen[: min(cfg.val_samples, available)].tolist()
