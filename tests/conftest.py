@@ -101,3 +101,15 @@ def s3_endpoint():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def source(tmp_path_factory) -> Path:
+    """A seeded random tiny model (not the training runs' seed 0 init) in the component-folder layout; read only."""
+    from xgem_dist.model.export import save_components
+    from xgem_dist.model.xgem import build_xgem
+
+    torch.manual_seed(1234)
+    folder = tmp_path_factory.mktemp("source") / "tiny"
+    save_components(build_xgem("tiny"), folder)
+    return folder

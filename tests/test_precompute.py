@@ -22,20 +22,9 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 @pytest.fixture(scope="module")
-def init(tmp_path_factory) -> Path:
-    from xgem_dist.model.export import save_components
-    from xgem_dist.model.xgem import build_xgem
-
-    torch.manual_seed(1234)
-    folder = tmp_path_factory.mktemp("init") / "init"
-    save_components(build_xgem("tiny"), folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def conditioning(shards, init, tmp_path_factory) -> Path:
+def conditioning(shards, source, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cond") / "cond"
-    precompute(PrecomputeConfig(shards=shards, init_from=str(init), out=str(out), progress=False))
+    precompute(PrecomputeConfig(shards=shards, init_from=str(source), out=str(out), progress=False))
     return out
 
 
@@ -53,7 +42,7 @@ def _members(tar: Path) -> dict[str, dict[str, torch.Tensor]]:
         return {m.name: sample_tensors(f.extractfile(m).read()) for m in f.getmembers()}
 
 
-def test_precompute_is_deterministic_resumable_distributed_and_refuses_mixing(shards, init, conditioning, tmp_path):
+def test_precompute_is_deterministic_resumable_distributed_and_refuses_mixing(shards, source, conditioning, tmp_path):
     expected = _digests(conditioning)
     assert {"train/manifest.json", "train/empty.safetensors", "validate/manifest.json", "test/manifest.json"} <= set(
         expected)
@@ -64,13 +53,13 @@ def test_precompute_is_deterministic_resumable_distributed_and_refuses_mixing(sh
         (resumed / name).unlink()
     (resumed / "train" / ".staging").mkdir()
     (resumed / "train" / ".staging" / "shard-000001.tar.x").write_bytes(b"partial")
-    precompute(PrecomputeConfig(shards=shards, init_from=str(init), out=str(resumed), progress=False))
+    precompute(PrecomputeConfig(shards=shards, init_from=str(source), out=str(resumed), progress=False))
     assert _digests(resumed) == expected
     # two ranks under torchrun, each its slice of the shards: the same bytes
     two = tmp_path / "two"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                     "127.0.0.1", "--master-port", str(free_port()), "-m", "xgem_dist.cli", "precompute", "--shards",
-                    shards, "--init-from", str(init), "--out", str(two), "--tokenizers",
+                    shards, "--init-from", str(source), "--out", str(two), "--tokenizers",
                     str(conditioning / "tokenizers"), "--no-progress"], check=True, env=ENV, capture_output=True,
                    timeout=300)
     # (bytes equal up to float rounding: torchrun runs each rank on one thread, CPU kernels reduce in other orders)
@@ -83,7 +72,7 @@ def test_precompute_is_deterministic_resumable_distributed_and_refuses_mixing(sh
                 torch.testing.assert_close(theirs[key][name], value, rtol=1e-5, atol=1e-6)
     # other encoder weights into the same output: refused, naming what changed
     other = tmp_path / "other_init"
-    subprocess.run(["cp", "-r", str(init), str(other)], check=True)
+    subprocess.run(["cp", "-r", str(source), str(other)], check=True)
     from safetensors.torch import load_file, save_file
 
     vae = next((other / "vae").glob("*.safetensors"))
@@ -114,7 +103,7 @@ def test_a_precomputed_batch_holds_what_the_online_path_encodes(shards, conditio
     assert pre.state_dict() == online.state_dict()
 
 
-def test_the_empty_prompt_embeddings_are_encoded_once_per_run(shards, init, conditioning):
+def test_the_empty_prompt_embeddings_are_encoded_once_per_run(shards, source, conditioning):
     from xgem_dist.model.stages import apply_stage
     from xgem_dist.model.tokenizers import load_tokenizers
     from xgem_dist.model.xgem import build_xgem
@@ -124,7 +113,7 @@ def test_the_empty_prompt_embeddings_are_encoded_once_per_run(shards, init, cond
     tokenizers = load_tokenizers(conditioning / "tokenizers")
     reader = ShardLoader(shards, 4, 0, 1, 64, decoder="pil", prefetch=0, tokenizers=tokenizers)
     model = build_xgem("tiny")
-    load_init_weights(model, str(init), 0, 1)
+    load_init_weights(model, str(source), 0, 1)
     apply_stage(model, "frontal")
     task = TrainingTask(model, "frontal", tokenizers, 4)
     calls = {"text": 0, "vision": 0}
@@ -148,10 +137,10 @@ def _train(args: list[str]) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["frontal", "text"])
-def test_precomputed_conditioning_gives_the_online_losses(shards, init, conditioning, tmp_path, stage):
+def test_precomputed_conditioning_gives_the_online_losses(shards, source, conditioning, tmp_path, stage):
     """tiny, fp32, the same seeds: the per-step losses agree within 1e-5 relative."""
     common = ["--shards", shards, "--steps", "2", "--set", f"stage={stage}", "--set", "global_batch=6",
-              "--set", "precision=fp32", "--set", f"init_from={init}", "--set",
+              "--set", "precision=fp32", "--set", f"init_from={source}", "--set",
               f"tokenizers={conditioning / 'tokenizers'}", "--set", "profile_flops=false"]
     online = _train([*common, "--run-dir", str(tmp_path / "online")])
     pre = _train([*common, "--run-dir", str(tmp_path / "pre"), "--set", "conditioning=precomputed",

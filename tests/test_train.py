@@ -83,20 +83,17 @@ def _assert_close_states(a_path: Path, b_path: Path, rtol: float = 1e-4, atol: f
 
 
 @pytest.mark.slow
-def test_a_split_run_over_world_sizes_continues_the_uninterrupted_trajectory(shards, tmp_path):
+def test_a_split_run_over_world_sizes_continues_the_uninterrupted_trajectory(shards, source, tmp_path):
     """From given weights, W=2 for 8 steps vs W=2 to step 4 -> W=1 to step 6 -> W=3 to step 8, one schedule
     over 8 steps: the same per-step losses, every parameter (frozen ones too) and the Adam moments (the demo's
     missing views are masked out of a mean over the whole global batch, every draw comes from per-sample seeds,
     frozen weights come back from the checkpoint on any world size); the same validation losses every 2 steps
     (at W=1, 2 and 3, before and after each resume), and the same EMA at the end (re-partitioned 2->1->3)."""
     from xgem_dist.train.weights import export
-    from xgem_dist.model.export import save_components
-    from xgem_dist.model.xgem import build_xgem
 
-    torch.manual_seed(1234)  # weights that are not the runs' own seeded init: a frozen reset would show
-    save_components(build_xgem("tiny"), tmp_path / "init")
+    # from weights that are not the runs' own seeded init (`source`): a frozen reset would show
     common = ["--shards", shards, "--steps", "8", "--set", "global_batch=6", "--set", "checkpoint_every=100",
-              "--set", f"init_from={tmp_path / 'init'}", "--set", "val_every=2", "--set", "ema_decay=0.8"]
+              "--set", f"init_from={source}", "--set", "val_every=2", "--set", "ema_decay=0.8"]
     fingerprints = _faults(fingerprints=True)
     whole = tmp_path / "whole"
     _train([*common, "--run-dir", str(whole)], nproc=2, env=fingerprints)

@@ -25,15 +25,6 @@ from .test_train import ENV
 FAST = ["--set", "global_batch=4", "--set", "profile_flops=false", "--set", "checkpoint_every=2"]
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    """A seeded random tiny model (not the training runs' seed 0 init) in the component-folder layout."""
-    torch.manual_seed(1234)
-    folder = tmp_path_factory.mktemp("source") / "tiny"
-    save_components(build_xgem("tiny"), folder)
-    return folder
-
-
 def _run(args: list[str], nproc: int = 0, module: str = "xgem_dist.cli") -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
                  "127.0.0.1", "--master-port", str(free_port())] if nproc else [sys.executable])

@@ -73,6 +73,7 @@ class Trainer:
         self.termination = StopRequest(use_ray)
         self.breakdown = LossBreakdown(self.engine.device, self.world)
         self.comms = CommsCounter()
+        self.step_comms: dict[str, int] = {}  # collectives and bytes of the last step (comms_logger)
         self.losses: list[float] = []
         self.validations: list[dict] = []
         self.grad_norm, self.images = 0.0, 0
