@@ -234,7 +234,6 @@ class Measures:
                                                                   cfg.classifier_weights or None)
         self.not_computed = [reason for reason in (no_features, no_classifier) if reason]
         for reason in self.not_computed:
-            log.warning("evaluate: not computed: %s", reason)
             print(f"evaluate: not computed: {reason}")
 
 

@@ -125,7 +125,11 @@ class Trainer:
         if not store.child("validate").exists("manifest.json"):
             log.warning("%s has no validate split: no validation (val_every=0 silences this)", store.url)
             return None
-        return Validator(self.cfg, self.rank, self.world, self.tokenizers)
+        validator = Validator(self.cfg, self.rank, self.world, self.tokenizers)
+        if validator.num_samples == 0:
+            log.warning("%s: the validate split is empty: no validation", store.url)
+            return None
+        return validator
 
     # ---- state beside DeepSpeed's
     def state_dict(self) -> dict:
