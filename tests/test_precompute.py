@@ -138,7 +138,14 @@ def _train(args: list[str]) -> dict[int, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["frontal", "text"])
 def test_precomputed_conditioning_gives_the_online_losses(shards, source, conditioning, tmp_path, stage):
-    """tiny, fp32, the same seeds: the per-step losses agree within 1e-5 relative."""
+    """tiny, fp32, the same seeds: the per-step losses agree within 1e-5 relative. The precomputed run never
+    builds the frozen encoders (none in its checkpoint); its export holds them as the online run's does (from
+    init_from, bit-identical)."""
+    from safetensors.torch import load_file
+
+    from xgem_dist.train.weights import export
+    from xgem_dist.train.zero_checkpoint import ZeroCheckpoint, newest_checkpoint
+
     common = ["--shards", shards, "--steps", "2", "--set", f"stage={stage}", "--set", "global_batch=6",
               "--set", "precision=fp32", "--set", f"init_from={source}", "--set",
               f"tokenizers={conditioning / 'tokenizers'}", "--set", "profile_flops=false"]
@@ -149,3 +156,10 @@ def test_precomputed_conditioning_gives_the_online_losses(shards, source, condit
     worst = max(abs(online[s] - pre[s]) / abs(online[s]) for s in online)
     print(f"{stage}: worst relative per-step loss difference, precomputed vs online: {worst:.2e}")
     assert worst < 1e-5, (online, pre)
+    saved = ZeroCheckpoint(newest_checkpoint(tmp_path / "pre")).names()
+    assert saved and not [n for n in saved if n.split(".")[1] in ("vae", "clip", "optimus")]
+    exported = [export(tmp_path / run, tmp_path / f"{run}-export") for run in ("online", "pre")]
+    for component in ("vae", "clip", "optimus"):
+        (online_file,), (pre_file,) = (sorted((f / component).glob("*.safetensors")) for f in exported)
+        a, b = load_file(online_file), load_file(pre_file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component

@@ -89,24 +89,28 @@ class XGeM(nn.Module):
     `_from_config`, which partitions them itself (and initialises them correctly) when ZeRO-3 is
     configured for transformers (HfDeepSpeedConfig); CLIP: see build_clip."""
 
-    def __init__(self, cfg: XGeMConfig, init_context: InitContext | None = None):
+    def __init__(self, cfg: XGeMConfig, init_context: InitContext | None = None, without: tuple[str, ...] = ()):
         super().__init__()
         self.config = cfg
+        unknown = set(without) - {"vae", "optimus", "clip"}
+        if unknown:
+            raise ValueError(f"only the encoders (vae, optimus, clip) can be left out, not {sorted(unknown)}")
         with init_context() if init_context else contextlib.nullcontext():
             self.unet_frontal = ImageUNet(cfg.image_unet)
             self.unet_lateral = ImageUNet(cfg.image_unet)
             self.unet_text = TextUNet(cfg.text_unet)
-            self.vae = build_vae(cfg.vae)
-        self.optimus = Optimus(cfg.optimus, init_context)
-        self.clip = build_clip(cfg.clip, init_context)
+            self.vae = None if "vae" in without else build_vae(cfg.vae)
+        self.optimus = None if "optimus" in without else Optimus(cfg.optimus, init_context)
+        self.clip = None if "clip" in without else build_clip(cfg.clip, init_context)
 
 
 def build_xgem(preset: str | XGeMConfig, device: str | torch.device | None = None,
-               init_context: InitContext | None = None) -> XGeM:
-    """Builds a preset. device="meta" allocates nothing; init_context: see XGeM."""
+               init_context: InitContext | None = None, without: tuple[str, ...] = ()) -> XGeM:
+    """Builds a preset. device="meta" allocates nothing; init_context: see XGeM; without: encoders not built
+    (a run whose conditioning is precomputed never runs them)."""
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     with torch.device(device) if device else contextlib.nullcontext():
-        return XGeM(cfg, init_context)
+        return XGeM(cfg, init_context, without)
 
 
 def computes_differently(a: XGeMConfig, b: XGeMConfig) -> list[str]:

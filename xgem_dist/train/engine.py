@@ -211,6 +211,13 @@ def build_task(cfg: TrainConfig, model, tokenizers: Tokenizers) -> TrainingTask:
     return TrainingTask(model, cfg.stage, tokenizers, cfg.steps, cfg.wiring, cfg.cfg_dropout, cfg.conditioning, empty)
 
 
+def unused_encoders(cfg: TrainConfig) -> tuple[str, ...]:
+    """The frozen encoders a run never runs, so never builds: with precomputed conditioning and no samples during
+    training (which encode prompts, decode images and write reports), the VAE, Optimus and CLIP. `export` takes
+    them from the run's init_from, which the precomputed shards were computed with."""
+    return ("vae", "optimus", "clip") if cfg.conditioning == "precomputed" and cfg.sample_every == 0 else ()
+
+
 def check_precomputed(cfg: TrainConfig, tokenizers: Tokenizers) -> None:
     """With conditioning precomputed: refuses conditioning_shards computed with other tokenizers or (a fresh run's
     init_from; a resume's weights come from its checkpoint) other encoder weights than this run's."""
@@ -255,7 +262,7 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
     # transformers partitions (and initialises) its models itself while this object is alive
     hf_zero3 = HfDeepSpeedConfig(copy.deepcopy(ds)) if zero3 else None  # noqa: F841
     init = (lambda: deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(ds))) if zero3 else None
-    model = build_xgem(cfg.model, init_context=init)
+    model = build_xgem(cfg.model, init_context=init, without=unused_encoders(cfg))
     if cfg.init_from:
         load_init_weights(model, cfg.init_from, torch.distributed.get_rank(), world_size)
     set_attention_backend(model, cfg.attention)

@@ -202,6 +202,8 @@ def load_init_weights(model: nn.Module, spec: str, rank: int, world_size: int) -
     check_computes_alike(sources, model.config)
     for component, folder in sources.items():
         module = getattr(model, component)
+        if module is None:  # not built: a run with precomputed conditioning
+            continue
         source = ComponentSource(component, folder)
         chosen = match_strictly(module, source)
         if source.prefix and rank == 0:
@@ -280,6 +282,13 @@ def _component_tensors(component: str, module: nn.Module, checkpoint: ZeroCheckp
                        source: ComponentSource | None, dtype: torch.dtype,
                        averages: EMAReader | None = None) -> dict[str, torch.Tensor]:
     tensors, _ = model_tensors(module)
+    if not any(name.startswith(f"{_ENGINE_PREFIX}{component}.") for name in checkpoint.names()):
+        # a run with precomputed conditioning does not build its frozen encoders: they are its init_from's
+        if source is None:
+            raise ValueError(f"{checkpoint.folder}: no {component} in the checkpoint (the run did not build it) "
+                             f"and no init_from folder of the run holds it")
+        return {canonical: _cast(source.get(name), dtype) for canonical, (_, name) in
+                match_strictly(module, source).items()}
     out, stale = {}, []
     for canonical, (tensor, names) in tqdm(tensors.items(), desc=f"export {component}", unit="tensor"):
         saved = next((n for n in (f"{_ENGINE_PREFIX}{component}.{a}" for a in names) if n in checkpoint),
@@ -299,11 +308,15 @@ def _component_tensors(component: str, module: nn.Module, checkpoint: ZeroCheckp
                 stale.append(canonical)
         if tuple(value.shape) != _shape(tensor):
             raise ValueError(f"{checkpoint.folder}: {saved} is {tuple(value.shape)}, the model's {_shape(tensor)}")
-        out[canonical] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
+        out[canonical] = _cast(value, dtype)
     if stale:
         log.warning("export %s: %s no longer holds what the run was given for %s; those come from the checkpoint",
                     component, source.folder, _listed(stale))
     return out
+
+
+def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (value.to(dtype) if value.is_floating_point() else value).contiguous()
 
 
 def _write_component(folder: Path, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

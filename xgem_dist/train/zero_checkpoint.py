@@ -83,6 +83,9 @@ class ZeroCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.trainable_shapes or name in self.frozen_shapes
 
+    def names(self) -> list[str]:
+        return [*self.trainable_shapes, *self.frozen_shapes]
+
     def shape(self, name: str) -> torch.Size:
         return self.trainable_shapes[name] if name in self.trainable_shapes else self.frozen_shapes[name]
 
