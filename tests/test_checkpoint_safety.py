@@ -175,13 +175,26 @@ def test_a_run_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(z
 
 
 @pytest.mark.slow
-def test_zero2_trains_and_resumes_on_two_ranks(zero2_run, shards, tmp_path):
-    run = _copy(zero2_run, tmp_path)
-    result = _train(shards, run, 2, "deepspeed_config=zero2")
-    assert result.returncode == 0, result.stderr[-4000:]
-    summaries = _summaries(run)
-    assert [(s["world_size"], s["start_step"], s["end_step"]) for s in summaries] == [(2, 0, 2), (2, 2, 3)]
-    assert all(math.isfinite(s["last_loss"]) for s in summaries)
+def test_zero2_resumes_on_the_same_and_another_world_size_and_exports(zero2_run, shards, tmp_path):
+    """The 2-rank ZeRO-2 checkpoint continues on 2 ranks and (universal conversion) on 1 with the same step-3
+    loss, and both runs export the same weights."""
+    from safetensors.torch import load_file
+
+    from xgem_dist.train.weights import export
+
+    runs = {}
+    for world in (2, 1):
+        run = Path(shutil.copytree(zero2_run, tmp_path / f"w{world}"))
+        result = _train(shards, run, world if world > 1 else 0, "deepspeed_config=zero2")
+        assert result.returncode == 0, result.stderr[-4000:]
+        summaries = _summaries(run)
+        assert [(s["world_size"], s["start_step"], s["end_step"]) for s in summaries] == [(2, 0, 2), (world, 2, 3)]
+        runs[world] = (summaries[-1]["last_loss"], export(run, tmp_path / f"export-w{world}"))
+    (loss2, export2), (loss1, export1) = runs[2], runs[1]
+    assert math.isfinite(loss2) and abs(loss1 - loss2) <= 1e-5 * abs(loss2)
+    (a,), (b,) = (sorted((e / "unet_frontal").glob("*.safetensors")) for e in (export2, export1))
+    a, b = load_file(a), load_file(b)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 @pytest.mark.slow

@@ -282,6 +282,11 @@ def build_engine(cfg: TrainConfig, tokenizers: Tokenizers, world_size: int, load
         optimizer = None
     else:
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8)
+    if not zero3:  # ZeRO-1/2 save the layout their universal conversion (a resume on another world size) needs
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        setattr(task, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     engine, *_ = deepspeed.initialize(
         model=task, optimizer=optimizer, model_parameters=trainable if optimizer is None else None, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))

@@ -6,7 +6,9 @@ zero_to_fp32 reads it): a parameter of n elements is split over W ranks in parti
 p = ceil(n / W) elements (the last one zero padded). Trainable parameters live in each rank's fp32
 optimizer partitions (`fp32_flat_groups`, parameters in `param_shapes` order, each taking p elements
 of every rank's flat stream); frozen ones in each rank's `frozen_param_fragments[name]` (p elements).
-ZeRO-1/2 keep frozen parameters whole on every rank.
+ZeRO-1/2 keep frozen parameters whole (one model file for all ranks) and split each group's fp32 master
+weights into one contiguous partition per rank (`single_partition_of_fp32_groups`); `param_slice_mappings`
+says where each parameter's fragment lies in a rank's partition.
 """
 
 from __future__ import annotations
@@ -56,12 +58,14 @@ class ZeroCheckpoint:
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         tag_dir = folder / (folder / "latest").read_text().strip()
-        model_files = sorted(tag_dir.glob("*zero_pp_rank_*_model_states.pt"), key=_rank_of)
+        # ZeRO-3 writes a model file per rank, ZeRO-1/2 one for all; every stage an optimizer file per rank
+        model_files = (sorted(tag_dir.glob("*zero_pp_rank_*_model_states.pt"), key=_rank_of)
+                       or sorted(tag_dir.glob("mp_rank_00_model_states.pt")))
         optim_files = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"), key=_rank_of)
-        if not model_files or len(model_files) != len(optim_files):
-            raise ValueError(f"{tag_dir}: expected one *_model_states.pt and one *_optim_states.pt per rank, found "
-                             f"{len(model_files)} and {len(optim_files)}")
-        self.folder, self.world_size = tag_dir, len(model_files)
+        if not model_files or not optim_files or len(model_files) not in (1, len(optim_files)):
+            raise ValueError(f"{tag_dir}: expected the model states (one file per rank, or one for all) and one "
+                             f"*_optim_states.pt per rank, found {len(model_files)} and {len(optim_files)}")
+        self.folder, self.world_size = tag_dir, len(optim_files)
         self._models = [_mapped(f) for f in model_files]
         optim = [_mapped(f)["optimizer_state_dict"] for f in optim_files]
         self.stage = optim[0]["zero_stage"]
@@ -71,9 +75,11 @@ class ZeroCheckpoint:
             k: v for group in first["param_shapes"] for k, v in group.items()}
         self._flat: list[list[torch.Tensor]] = []
         self._offsets: dict[str, int] = {}
-        if self.trainable_shapes:
-            if self.stage != 3:
-                raise ValueError(f"{tag_dir}: ZeRO stage {self.stage}; reading trainable weights needs stage 3")
+        # ZeRO-1/2: each rank's fp32 partition of each group, and where each parameter's fragment lies in it
+        self._fragments: list[tuple[list[torch.Tensor], list[dict]]] = (
+            [(list(o["single_partition_of_fp32_groups"]), list(o["param_slice_mappings"])) for o in optim]
+            if self.stage < 3 else [])
+        if self.trainable_shapes and self.stage == 3:
             self._flat = [list(o["fp32_flat_groups"]) for o in optim]
             offset = 0
             for name, shape in self.trainable_shapes.items():
@@ -100,12 +106,21 @@ class ZeroCheckpoint:
             raise KeyError(f"{self.folder}: no parameter {name!r}")
         if name in self.frozen_shapes and self.stage < 3:
             return self._models[0]["frozen_param_fragments"][name].reshape(-1)[start:end]
+        if self.stage < 3:
+            return self._gathered(name)[start:end]
         part = math.ceil(numel / self.world_size)
         chunks = []
         for rank in range(start // part, (end - 1) // part + 1 if end > start else 0):
             lo, hi = max(start, rank * part) - rank * part, min(end, (rank + 1) * part) - rank * part
             chunks.append(self._partition(rank, name)[lo:hi])
         return (torch.cat(chunks) if chunks else torch.empty(0)).detach()
+
+    def _gathered(self, name: str) -> torch.Tensor:
+        """A ZeRO-1/2 trainable parameter: its fragments from every rank's fp32 partition, in rank order."""
+        chunks = [groups[g][address.start : address.start + address.numel]
+                  for groups, mappings in self._fragments for g, mapping in enumerate(mappings)
+                  for address in [mapping.get(name)] if address is not None]
+        return torch.cat(chunks).detach()
 
     def _partition(self, rank: int, name: str) -> torch.Tensor:
         """`rank`'s partition of a parameter (p elements, the last ones padding), read lazily."""
