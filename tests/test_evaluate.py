@@ -69,6 +69,29 @@ def test_figures_match_the_libraries_known_cases():
     assert 0.0 <= auroc["Edema"] <= 1.0 and auroc["Atelectasis"] is None
 
 
+def test_the_chest_xray_extractor_reads_a_local_transformers_folder(tmp_path):
+    """rad-dino's path with a randomly initialised DINOv2 saved the way microsoft/rad-dino is laid out: features
+    of a set against itself give FID ~0, of another set more; no folder is a clear message."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)
+    Dinov2Model(config).save_pretrained(tmp_path / "rad-dino")
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(
+        tmp_path / "rad-dino")
+    extractor, reason = metrics.feature_extractor("rad-dino", str(tmp_path / "rad-dino"))
+    assert reason is None
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(8, 64, 64), dtype=np.uint8)
+    other = rng.integers(0, 32, size=(8, 64, 64), dtype=np.uint8)
+    figures = metrics.distribution_figures(extractor, images, images, other, seed=0)
+    assert abs(figures["generated"]["fid"]) < 1e-6 and figures["real_floor"]["fid"] > 1e-3
+    assert metrics.feature_extractor("rad-dino", None)[1].startswith("FID and KID with the chest X-ray extractor")
+    with pytest.raises(ValueError, match="no such folder"):
+        metrics.feature_extractor("rad-dino", str(tmp_path / "absent"))
+
+
 def test_missing_weights_are_named(tiny_export, shards, tmp_path, capsys):  # noqa: F811
     model, reason = metrics.feature_extractor("inception", None)
     assert model is None and "FID and KID need the Inception weights as a local file (--feature-weights" in reason

@@ -294,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-prompt", dest="per_prompt", type=int, default=2,
                    help="samples per study (MS-SSIM diversity among them needs 2 or more)")
     p.add_argument("--feature-extractor", dest="feature_extractor", default="inception",
-                   help="FID/KID features: inception (torch-fidelity's, from --feature-weights) or "
+                   help="FID/KID features: inception (torch-fidelity's, from --feature-weights), rad-dino (a "
+                        "chest X-ray backbone: a local transformers folder such as microsoft/rad-dino) or "
                         "MODULE:FUNCTION (called with the weights path, returns an nn.Module)")
-    p.add_argument("--feature-weights", dest="feature_weights", help="local weights file of the feature extractor")
+    p.add_argument("--feature-weights", dest="feature_weights",
+                   help="local weights of the feature extractor (a file; a folder for rad-dino)")
     p.add_argument("--label-classifier", dest="label_classifier",
                    help="MODULE:FUNCTION (called with --classifier-weights) returning a module: uint8 images "
                         "[B,3,H,W] -> 14 CheXpert logits; AUROC per label on generated views")

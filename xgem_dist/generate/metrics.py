@@ -39,8 +39,36 @@ def check_weights(flag: str, path: str | None) -> None:
                          "downloaded)")
 
 
+class ChestXrayFeatures(nn.Module):
+    """A transformers vision backbone from a local folder, made for chest X-rays: microsoft/rad-dino (the DINOv2
+    that CheXGenBench computes its FID with) or any other. uint8 images [B, 3, H, W] -> the pooled (CLS)
+    embedding [B, D], after the folder's own preprocessing (its preprocessor_config.json)."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.backbone = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, backend="pil")
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = self.processor(images=list(images.cpu()), return_tensors="pt")["pixel_values"]
+        weight = next(self.backbone.parameters())
+        return self.backbone(pixel_values=pixels.to(weight.device, weight.dtype)).pooler_output.float()
+
+
 def feature_extractor(spec: str, weights: str | None) -> tuple[nn.Module | None, str | None]:
     """(the FID/KID feature module, None) or (None, why FID and KID cannot be computed)."""
+    if spec == "rad-dino":
+        if not weights:
+            return None, ("FID and KID with the chest X-ray extractor need its local transformers folder "
+                          "(--feature-weights, e.g. a download of microsoft/rad-dino); none was given and nothing is "
+                          "downloaded at run time")
+        if not Path(weights).is_dir():
+            raise ValueError(f"--feature-weights {weights}: no such folder (rad-dino reads a transformers model "
+                             "folder: config.json, weights, preprocessor_config.json)")
+        return ChestXrayFeatures(weights), None
     check_weights("--feature-weights", weights)
     if spec != "inception":
         return _factory(spec)(weights or None).eval(), None
