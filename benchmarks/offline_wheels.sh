@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for a GPU machine that has CUDA PyTorch, triton, transformers, numpy and pillow but no internet,
 # downloaded for CPython 3.12 on x86-64 Linux, in two sets for transfer tools with a per-copy size limit:
-#   DEST/core/*.whl                      DeepSpeed (built here, pure Python), diffusers, webdataset and what
+#   DEST/core/*.whl                      DeepSpeed (built here, pure Python), diffusers, webdataset, torchmetrics and what
 #                                        they need (~11 MiB): enough for `gpu_suite.sh OUT kernels|norm`
 #   DEST/dali/part-NN/wheels.tar.part    DALI for CUDA 13 and its needs (~250 MiB), tarred and split into
 #   DEST/dali/wheels.md5                 parts of at most 56 MiB, each in its own folder: `... OUT data`
@@ -32,7 +32,8 @@ download() {  # download FOLDER REQUIREMENT...
 }
 # versions: those this project is tested with; the libraries' needs that the CUDA image lacks
 download "$work/core" diffusers==0.42.1 importlib_metadata==10.2.0 webdataset==1.0.2 simplejpeg==1.9.0 braceexpand hjson \
-  pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
+  pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 \
+  torchmetrics==1.9.0 lightning-utilities==0.15.3 nltk==3.10.4 joblib==1.6.0 click==8.5.1
 # DALI's pins: libnvcomp 5 (not the newest, 6) and nvimgcodec[all] (nvjpeg, nvjpeg2k, nvtiff); --no-deps checks none
 download "$work/dali/wheels" nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnvcomp-cu13==5.3.0.16 \
   nvidia-nvjpeg==13.3.2.43 nvidia-nvjpeg2k-cu13==0.11.0.51 nvidia-nvtiff-cu13==0.8.0.82 nvtx==0.2.17 optree==0.20.0 \
