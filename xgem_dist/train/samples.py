@@ -10,45 +10,29 @@ generated ones) under run_dir/samples/step-NNNNNNN/, reports as TensorBoard text
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ..config import TrainConfig
-from ..data.loader import ShardLoader
-from ..model.sample import Sampler, SamplerConfig, parse_combination
+from ..generate.sample import combination_slug, png_bytes, write_atomic
+from ..generate.studies import Studies, to_uint8
+from ..model.sample import MODALITIES, Sampler, SamplerConfig, parse_combination
 from .validate import Validator
 
 log = logging.getLogger(__name__)
 
 
-def file_name(combination: str) -> str:
-    return combination.replace("->", "-to-").replace("+", "")
-
-
-def write_png(path: Path, images: torch.Tensor) -> None:
-    """images [H, W] in [0, 1] -> an 8-bit grey PNG, written atomically."""
-    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    partial = path.with_name(path.name + ".partial")
-    Image.fromarray(np.ascontiguousarray(pixels), mode="L").save(partial, format="PNG")
-    os.replace(partial, path)
-
-
 class TrainingSamples:
     def __init__(self, cfg: TrainConfig, validator: Validator, run_dir: str | Path):
         # the views themselves (given as inputs, shown beside the outputs), also when training reads conditioning
-        loader = ShardLoader(cfg.shards, cfg.global_batch, 0, 1, cfg.image_size, split="validate", prefetch=0,
-                             decoder="pil", tokenizers=None, fixed_reads=True)
-        complete = [i for i in validator.indices if {"frontal.jpg", "lateral.jpg"} <= set(loader.samples[i].members)
-                    and loader.samples[i].members.get("report.txt", (0, 0))[1] > 0]
+        studies = Studies(cfg.shards, "validate", cfg.image_size)
+        keys = [validator.loader.samples[i].key for i in validator.indices]
+        complete = [k for k in keys if all(studies.has(k, m) for m in MODALITIES)]
         if len(complete) < cfg.sample_studies:
             log.warning("samples: %d validate studies with both views and a report among the first %d (wanted %d)",
-                        len(complete), len(validator.indices), cfg.sample_studies)
-        self.indices = complete[: cfg.sample_studies] or validator.indices[: cfg.sample_studies]
-        self.batch = loader.read_fixed(self.indices, [0] * len(self.indices))
+                        len(complete), len(keys), cfg.sample_studies)
+        self.batch = studies.read(complete[: cfg.sample_studies] or keys[: cfg.sample_studies])
         self.combinations = [c.strip() for c in cfg.sample_combinations.split(",") if c.strip()]
         for combination in self.combinations:
             parse_combination(combination)  # a bad one fails at start, not at the first sampling step
@@ -63,7 +47,7 @@ class TrainingSamples:
         results = {}
         for i, combination in enumerate(self.combinations):
             given, wanted = parse_combination(combination)
-            inputs = {m: list(self.batch["report"]) if m == "text" else self.batch[m] for m in given}
+            inputs = {m: self.batch[m] for m in given}
             results[combination] = sampler(inputs, wanted, torch.Generator().manual_seed(self.seed * 1009 + i))
         return results
 
@@ -75,14 +59,15 @@ class TrainingSamples:
             columns = [self.batch[m] for m in given if m != "text"] + [out[m].cpu() for m in wanted if m != "text"]
             if columns:
                 rows = torch.cat([c.float() for c in columns], dim=3)  # [N, 1, H, W x columns]
-                write_png(folder / f"{file_name(combination)}.png", torch.cat(list(rows[:, 0]), dim=0))
+                grid = torch.cat(list(rows), dim=1)  # [1, N x H, W x columns]
+                write_atomic(folder / f"{combination_slug(combination)}.png", png_bytes(to_uint8(grid[None])[0]))
                 sinks.images(f"samples/{combination}", rows, step)
             if "text" in wanted:
                 lines = []
-                for key, real, generated in zip(self.batch["key"], self.batch["report"], out["text"]):
+                for key, real, generated in zip(self.batch["key"], self.batch["text"], out["text"]):
                     lines.append(f"{key}\n  real:      {real.strip()}\n  generated: {generated.strip()}\n")
-                (folder / f"{file_name(combination)}.txt").write_text("\n".join(lines))
+                write_atomic(folder / f"{combination_slug(combination)}.txt", "\n".join(lines).encode())
                 sinks.text(f"samples/{combination}", "\n\n".join(
                     f"**{k}** real: {r.strip()}  \ngenerated: {g.strip()}"
-                    for k, r, g in zip(self.batch["key"], self.batch["report"], out["text"])), step)
+                    for k, r, g in zip(self.batch["key"], self.batch["text"], out["text"])), step)
         return folder
