@@ -22,12 +22,6 @@ def is_export(path: Path) -> bool:
     return (path / "xgem_config.json").is_file()
 
 
-def _export_run(src: Path, out: Path, ema: bool) -> Path:
-    from ..train.weights import export
-
-    return export(src, out, ema=ema)
-
-
 def load_model(path: str | Path, ema: bool = False, device: str | torch.device = "cpu",
                dtype: str = "fp32") -> tuple[XGeM, Tokenizers]:
     """The model in eval mode on `device` in `dtype` ("fp32" | "bf16"), and its tokenizers."""
@@ -41,8 +35,10 @@ def load_model(path: str | Path, ema: bool = False, device: str | torch.device =
             raise ValueError(f"{path} is an export, which holds one set of weights; export the run with --ema "
                              "and pass that folder instead")
         return _load_export(path, device, dtype, path)
+    from ..train.weights import export
+
     with tempfile.TemporaryDirectory(prefix="xgem-export-") as tmp:
-        return _load_export(_export_run(path, Path(tmp) / "model", ema), device, dtype, path)
+        return _load_export(export(path, Path(tmp) / "model", ema=ema), device, dtype, path)
 
 
 def _load_export(folder: Path, device: str | torch.device, dtype: str, source: Path) -> tuple[XGeM, Tokenizers]:

@@ -9,6 +9,7 @@ due after each (validation, samples, a checkpoint, a log row).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -204,10 +205,7 @@ class Trainer:
         with self.profiler.phase("sample"):
             self.engine.eval()
             try:
-                if self.ema is not None:
-                    with self.ema.applied():
-                        results = self.samples.generate(self.task.model, self.tokenizers)
-                else:
+                with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
                     results = self.samples.generate(self.task.model, self.tokenizers)
             finally:
                 self.engine.train()
