@@ -121,64 +121,29 @@ def _demo_inputs(work: Path) -> tuple[str, str, str]:
     return str(shards), str(init), str(cond)
 
 
-def comms_worker(args: argparse.Namespace) -> None:
-    """One variant under torchrun: `steps` optimizer steps of the frontal stage, each step's comms and loss."""
-    from xgem_dist.config import TrainConfig
-    from xgem_dist.data.loader import ShardLoader
-    from xgem_dist.model.diffusion import GlobalBatch
-    from xgem_dist.model.tokenizers import load_tokenizers
-    from xgem_dist.profile.comms import CommsCounter
-    from xgem_dist.train.collectives import Collectives
-    from xgem_dist.train.engine import build_engine, init_distributed
-
-    rank, world, _ = init_distributed()
-    overrides, _ = VARIANTS[args.comms_worker]
-    cfg = TrainConfig(model="tiny", stage="frontal", shards=args.shards, global_batch=6, steps=args.steps,
-                      precision="fp32", init_from=args.init, tokenizers=f"{args.cond}/tokenizers",
-                      conditioning_shards=args.cond, comms_logger=True, **overrides)
-    tokenizers = load_tokenizers(cfg.tokenizers)
-    reader = ShardLoader(cfg.shards, cfg.global_batch, rank, world, cfg.image_size, seed=cfg.seed, decoder="pil",
-                         prefetch=0, tokenizers=tokenizers,
-                         conditioning=cfg.conditioning_shards if cfg.conditioning == "precomputed" else "")
-    engine = build_engine(cfg, tokenizers, world)
-    collectives, comms, task = Collectives(engine.device, world), CommsCounter(), engine.module
-    steps = []
-    for step in range(cfg.steps):
-        micros = reader.next_step()
-        counted = sum(int(task.target_weights(micro).sum()) for micro in micros)
-        task.step = step
-        task.global_batch = GlobalBatch(collectives.sum(counted).item(), world, world, collectives.gather_rows)
-        comms.begin_step()
-        loss = torch.zeros(())
-        for micro in micros:
-            micro_loss = engine(micro)
-            engine.backward(micro_loss)
-            engine.step()
-            loss += micro_loss.detach().float() / world
-        figures = comms.end_step()
-        steps.append({"loss": collectives.sum(loss).item(), **figures})
-    reader.close()
-    if rank == 0:
-        Path(args.out).write_text(json.dumps(steps))
-
-
 def comms_table(variants: list[str], steps: int, work: Path) -> list[dict]:
+    """Each variant through the real entry point (`xgem-dist train` under torchrun, 2 ranks, comms_logger on):
+    the per-step collectives and bytes and the losses its steps.jsonl records."""
     shards, init, cond = _demo_inputs(work)
     rows = []
     for name in variants:
-        out = work / f"{name}.json"
+        run_dir = work / name
+        settings = {"model": "tiny", "stage": "frontal", "global_batch": 6, "precision": "fp32", "init_from": init,
+                    "tokenizers": f"{cond}/tokenizers", "conditioning_shards": cond, "comms_logger": True,
+                    "val_every": 0, "profile_flops": False, **VARIANTS[name][0]}
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                   "127.0.0.1", "--master-port", str(_free_port()), __file__, "--comms-worker", name, "--shards",
-                   shards, "--init", init, "--cond", cond, "--steps", str(steps), "--out", str(out)]
+                   "127.0.0.1", "--master-port", str(_free_port()), "-m", "xgem_dist.cli", "train", "--launcher",
+                   "local", "--shards", shards, "--run-dir", str(run_dir), "--steps", str(steps),
+                   *(x for key, value in settings.items() for x in ("--set", f"{key}={value}"))]
         started = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if result.returncode != 0:
             raise RuntimeError(f"variant {name} failed:\n{result.stderr[-4000:]}")
-        per_step = json.loads(out.read_text())
+        per_step = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
         steady = per_step[1:] or per_step
         keys = sorted({k for s in steady for k in s if k.startswith("comms/")})
         mean = {k: sum(s.get(k, 0) for s in steady) / len(steady) for k in keys}
-        rows.append({"variant": name, "description": VARIANTS[name][1], "losses": [s["loss"] for s in per_step],
+        rows.append({"variant": name, "description": VARIANTS[name][1], "losses": [s["train/loss"] for s in per_step],
                      "all_gathers": sum(v for k, v in mean.items() if "all_gather" in k and k.endswith("/calls")),
                      "calls": mean.get("comms/calls", 0), "bytes": mean.get("comms/bytes", 0), "by_type": mean,
                      "wall_s": round(time.perf_counter() - started, 1)})
@@ -219,14 +184,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; empty: no comms part")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default="", help="JSON path (default benchmarks/results/step_cost.json)")
-    parser.add_argument("--comms-worker", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--shards", help=argparse.SUPPRESS)
-    parser.add_argument("--init", help=argparse.SUPPRESS)
-    parser.add_argument("--cond", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.comms_worker:
-        comms_worker(args)
-        return
     size = args.image_size or (64 if args.flops_model == "tiny" else 256)
     flops = flops_table(args.flops_model, [s for s in args.stages.split(",") if s], size)
     variants = [v for v in args.variants.split(",") if v]
